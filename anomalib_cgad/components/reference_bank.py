@@ -1,0 +1,216 @@
+"""k-shot reference bank and nearest-neighbour residual features (one place for all three models).
+
+For each feature level ``l`` the bank holds every patch feature of the k normal reference images of one
+class, flattened to ``(k·H_l·W_l, C_l)``. A query patch ``x`` is matched to its nearest reference patch
+``x*`` (``matching``: L2 as in the ResAD paper, or cosine as in its released code) and replaced by the
+residual ``r = x − x*`` (``residual="diff"``) or ``(x − x*)²`` (``"sq_diff"``).
+
+Steps of :func:`residual_features`:
+
+1. flatten the query map to ``(B·H·W, C)``;
+2. distances to all bank rows as ``‖x‖² − 2x·yᵀ + ‖y‖²`` (or ``−x̂·ŷᵀ``): a single matmul, no
+   ``torch.cdist`` and no data-dependent branch, so the graph exports to ONNX/OpenVINO with the bank as an
+   input of dynamic row count;
+3. gather the nearest rows, form the residual, reshape back to ``(B, C, H, W)``.
+
+The bank is a set of ``DynamicBufferMixin`` buffers, so a checkpoint restores a bank of any size.
+
+Example:
+    >>> import torch
+    >>> from anomalib_cgad.components.reference_bank import ReferenceBank, residual_features
+    >>> bank = ReferenceBank(num_levels=1)
+    >>> refs = [torch.rand(2, 8, 4, 4)]
+    >>> bank.set(refs)
+    >>> bank.tensors()[0].shape
+    torch.Size([32, 8])
+    >>> residual_features(refs, bank.tensors())[0].abs().max() < 1e-3
+    tensor(True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from anomalib.models.components.base import DynamicBufferMixin
+from torch import nn
+
+MATCHING = ("l2", "cosine")
+RESIDUAL = ("diff", "sq_diff")
+BANK_FORMAT = "anomalib-cgad-bank/1"
+
+
+class BankMismatchError(ValueError):
+    """A reference bank does not fit the model that should use it."""
+
+
+def flatten_patches(feature: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B·H·W, C)`` in (b, h, w) order."""
+    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+
+
+def nearest_reference(queries: torch.Tensor, bank: torch.Tensor, matching: str = "l2") -> torch.Tensor:
+    """Return, for each query row, the nearest bank row.
+
+    Args:
+        queries (torch.Tensor): ``(N, C)`` query patches.
+        bank (torch.Tensor): ``(M, C)`` reference patches.
+        matching (str): ``"l2"`` or ``"cosine"``.
+
+    Returns:
+        torch.Tensor: ``(N, C)`` nearest reference rows (un-normalised, as stored).
+    """
+    if matching == "cosine":
+        similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+        index = similarity.argmax(dim=1)
+    else:
+        distance = (queries**2).sum(1, keepdim=True) - 2 * queries @ bank.T + (bank**2).sum(1)[None]
+        index = distance.argmin(dim=1)
+    return bank[index]
+
+
+def residual_features(
+    features: Sequence[torch.Tensor],
+    bank: Sequence[torch.Tensor],
+    matching: str = "l2",
+    residual: str = "diff",
+) -> list[torch.Tensor]:
+    """Residuals of every query patch against its nearest reference patch, per level.
+
+    Args:
+        features (Sequence[torch.Tensor]): per level ``(B, C_l, H_l, W_l)``.
+        bank (Sequence[torch.Tensor]): per level ``(M_l, C_l)`` reference patches of the class.
+        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
+        residual (str): ``"diff"`` (signed) or ``"sq_diff"`` (element-wise square). Defaults to ``"diff"``.
+
+    Returns:
+        list[torch.Tensor]: per level ``(B, C_l, H_l, W_l)`` residual maps.
+    """
+    out = []
+    for feature, refs in zip(features, bank, strict=True):
+        batch, channels, height, width = feature.shape
+        queries = flatten_patches(feature)
+        diff = queries - nearest_reference(queries, refs.to(queries.dtype), matching)
+        diff = diff * diff if residual == "sq_diff" else diff
+        out.append(diff.reshape(batch, height, width, channels).permute(0, 3, 1, 2))
+    return out
+
+
+class ReferenceBank(DynamicBufferMixin, nn.Module):
+    """Per-level reference patches of one class, stored as resizable buffers.
+
+    Args:
+        num_levels (int): number of feature levels.
+        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
+        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
+
+    Attributes:
+        bank_<l> (torch.Tensor): ``(k·H_l·W_l, C_l)`` reference patches of level ``l`` (empty until set).
+    """
+
+    def __init__(self, num_levels: int, matching: str = "l2", residual: str = "diff") -> None:
+        super().__init__()
+        if matching not in MATCHING:
+            msg = f"matching must be one of {MATCHING}, got '{matching}'."
+            raise ValueError(msg)
+        if residual not in RESIDUAL:
+            msg = f"residual must be one of {RESIDUAL}, got '{residual}'."
+            raise ValueError(msg)
+        self.num_levels = num_levels
+        self.matching = matching
+        self.residual = residual
+        for level in range(num_levels):
+            self.register_buffer(f"bank_{level}", torch.empty(0))
+        self.register_buffer("num_refs", torch.tensor(0))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The current bank, one ``(M_l, C_l)`` tensor per level."""
+        return [getattr(self, f"bank_{level}") for level in range(self.num_levels)]
+
+    @property
+    def is_set(self) -> bool:
+        """Whether references have been stored."""
+        return all(t.numel() > 0 for t in self.tensors())
+
+    @staticmethod
+    def build(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Flatten per-level reference feature maps ``(k, C, H, W)`` into bank rows ``(k·H·W, C)``."""
+        return [flatten_patches(feature) for feature in features]
+
+    def set(self, features: Sequence[torch.Tensor]) -> None:
+        """Store the references given as per-level feature maps ``(k, C_l, H_l, W_l)``."""
+        self.set_tensors(self.build(features), num_refs=features[0].shape[0])
+
+    def set_tensors(self, bank: Sequence[torch.Tensor], num_refs: int | None = None) -> None:
+        """Store an already flattened bank (one ``(M_l, C_l)`` tensor per level)."""
+        if len(bank) != self.num_levels:
+            msg = f"A bank needs {self.num_levels} levels, got {len(bank)}."
+            raise BankMismatchError(msg)
+        for level, tensor in enumerate(bank):
+            if not torch.isfinite(tensor).all():
+                msg = f"Reference features of level {level} contain NaN or inf values."
+                raise BankMismatchError(msg)
+            setattr(self, f"bank_{level}", tensor.detach().clone())
+        if num_refs is not None:
+            self.num_refs = torch.tensor(int(num_refs))
+
+    def residuals(self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor] | None = None) -> list:
+        """Residual maps of ``features`` against ``bank`` (default: the stored one)."""
+        bank = self.tensors() if bank is None else bank
+        return residual_features(features, bank, self.matching, self.residual)
+
+    def save(self, path: str | Path, metadata: dict) -> Path:
+        """Save the bank as a plain tensor file (``torch.save`` of tensors and primitives only).
+
+        Args:
+            path (str | Path): target file; an existing file is never overwritten.
+            metadata (dict): JSON-like description (backbone, layers, channels, image size).
+        """
+        path = Path(path)
+        if path.exists():
+            msg = f"Refusing to overwrite existing bank file '{path}'."
+            raise FileExistsError(msg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": BANK_FORMAT, "metadata": dict(metadata), "levels": self.tensors()}, path)
+        return path
+
+    @staticmethod
+    def load(path: str | Path, expected: dict | None = None) -> list[torch.Tensor]:
+        """Load a bank file with ``weights_only=True`` and check it fits ``expected`` metadata.
+
+        Raises:
+            FileNotFoundError: no such file.
+            BankMismatchError: not a bank file, or built with another backbone/layers/image size.
+        """
+        path = Path(path)
+        if not path.is_file():
+            msg = f"Bank file '{path}' does not exist."
+            raise FileNotFoundError(msg)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            msg = f"'{path}' is not a readable reference bank file: {exc}"
+            raise BankMismatchError(msg) from exc
+        if not isinstance(payload, dict) or payload.get("format") != BANK_FORMAT:
+            msg = f"'{path}' is not an anomalib-cgad reference bank file."
+            raise BankMismatchError(msg)
+        check_bank_metadata(payload.get("metadata", {}), expected or {}, source=str(path))
+        return list(payload["levels"])
+
+
+def check_bank_metadata(found: dict, expected: dict, source: str = "the bank") -> None:
+    """Raise :class:`BankMismatchError` naming every key where ``found`` differs from ``expected``."""
+    problems = [
+        f"{key}: bank has {found.get(key)!r}, model expects {value!r}"
+        for key, value in expected.items()
+        if key in found and _normalise(found[key]) != _normalise(value)
+    ]
+    if problems:
+        msg = f"{source} was built for another model configuration: " + "; ".join(problems)
+        raise BankMismatchError(msg)
+
+
+def _normalise(value: object) -> object:
+    return list(value) if isinstance(value, tuple | list) else value

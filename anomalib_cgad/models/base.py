@@ -1,0 +1,207 @@
+"""The one place where the models get their reference images, at training and at test time.
+
+:class:`ReferenceMixin` is mixed into ``ResAD``, ``MetaAD`` and ``CGAD`` (each still lists
+``AnomalibModule`` as a direct base, so ``get_model`` finds it). It:
+
+1. at the start of fitting, encodes the training set once into a :class:`TrainingPool` (training
+   references, episode queries, real and synthetic anomalies);
+2. before validating/testing/predicting a class, sets the torch model's reference bank from k normal
+   images of *that* class. The images come from, in order:
+
+   - ``few_shot_source`` (a folder or list of image files), when given;
+   - the datamodule's ``reference_images(stage, index)`` (the cross-class datamodule: its batches hold one
+     class each and ``class_index(stage, path)`` names it; the bank switches when the class changes);
+   - otherwise the first ``k_shot`` normal images of the datamodule's training set (plain anomalib usage:
+     ``--data MVTecAD --data.category <unseen class>``, whose train split is that class's normal images);
+   - with no datamodule at all (``anomalib predict --data_path``), the bank stored in the checkpoint.
+
+References are collected in ``on_*_start`` and the step hooks, never in ``setup()``: Lightning restores a
+checkpoint after ``setup()``, which would silently replace the new class's bank (anomalib.md §3.4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from anomalib_cgad.components.training_pool import TrainingPool
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class ReferenceError(ValueError):  # noqa: A001 - a clear, specific name for users
+    """The k-shot references of a class cannot be obtained."""
+
+
+def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files of a folder (sorted) or an explicit list; raises if missing or empty."""
+    if isinstance(source, str | Path):
+        folder = Path(source)
+        if not folder.exists():
+            msg = f"Reference source '{folder}' does not exist."
+            raise ReferenceError(msg)
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else [folder]
+        if not paths:
+            msg = f"Reference folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})."
+            raise ReferenceError(msg)
+        return paths
+    paths = [Path(p) for p in source]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        msg = f"Reference images not found: {missing}"
+        raise ReferenceError(msg)
+    return paths
+
+
+def load_images(paths: Sequence[str | Path], size: tuple[int, int]) -> torch.Tensor:
+    """Load images as RGB float ``(N, 3, H, W)`` in [0, 1], resized to ``size`` (grayscale, RGBA, 16-bit ok)."""
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+                    array = torch.from_numpy(np.asarray(image, dtype=np.float32))
+                    image_tensor = (array / max(float(array.max()), 1.0)).expand(3, *array.shape)
+                else:
+                    rgb = image.convert("RGB")
+                    image_tensor = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            msg = f"Could not read reference image '{path}': {exc}"
+            raise ReferenceError(msg) from exc
+        resized = F.interpolate(image_tensor[None].float(), size=size, mode="bilinear", align_corners=False)
+        images.append(resized[0])
+    return torch.stack(images)
+
+
+class ReferenceMixin:
+    """Reference handling shared by the anomalib-cgad models (see module docstring).
+
+    The host class must set ``self.k_shot``, ``self.few_shot_source`` and ``self.model`` (a torch model
+    with ``set_reference(images)`` and ``backbone``), and call :meth:`_init_references` in ``__init__``.
+    """
+
+    def _init_references(self) -> None:
+        self._bank_key: tuple[str, int] | None = None
+        self.training_pool: TrainingPool | None = None
+
+    # ----------------------------------------------------------------- training side
+    def _category_resolver(self):  # noqa: ANN202
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "category_of"):
+            return datamodule.category_of
+        samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
+        if samples is not None and "category" in samples:
+            mapping = dict(zip(samples.image_path.astype(str), samples.category.astype(str), strict=True))
+            return lambda path: mapping.get(str(path), "train")
+        name = str(getattr(datamodule, "category", None) or "train")
+        return lambda path: name
+
+    def build_training_pool(self, synthetic_per_class: int, seed: int) -> TrainingPool:
+        """Encode the datamodule's training set once (called from ``on_train_start``)."""
+        datamodule = self.trainer.datamodule
+        loader = datamodule.train_dataloader()
+        device = self.device
+
+        def batches():  # noqa: ANN202
+            for batch in loader:
+                yield batch.to(device) if hasattr(batch, "to") else batch
+
+        pool = TrainingPool(synthetic_per_class=synthetic_per_class, seed=seed)
+        self.training_pool = pool.build(
+            batches(), self.model.backbone, self.pre_processor.transform, self._category_resolver()
+        )
+        return self.training_pool
+
+    # ----------------------------------------------------------------- evaluation side
+    def _input_size(self) -> tuple[int, int]:
+        for transform in getattr(self.pre_processor.transform, "transforms", []):
+            size = getattr(transform, "size", None)
+            if size is not None:
+                return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+        return (256, 256)
+
+    def _reference_images(self, stage: str, dataloader_idx: int) -> torch.Tensor | None:
+        if self.few_shot_source:
+            paths = list_images(self.few_shot_source)
+            if len(paths) < self.k_shot:
+                msg = f"few_shot_source '{self.few_shot_source}' has {len(paths)} images; k_shot={self.k_shot}."
+                raise ReferenceError(msg)
+            return load_images(paths[: self.k_shot], self._input_size())
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return None
+        if hasattr(datamodule, "reference_images"):
+            return datamodule.reference_images(stage, dataloader_idx)
+        train_data = getattr(datamodule, "train_data", None)
+        if train_data is None:
+            return None
+        normal = [i for i, label in enumerate(train_data.samples.label_index.tolist()) if int(label) == 0]
+        if len(normal) < self.k_shot:
+            msg = f"The training set has {len(normal)} normal images; k_shot={self.k_shot} references requested."
+            raise ReferenceError(msg)
+        return torch.stack([train_data[i].image for i in normal[: self.k_shot]])
+
+    def set_references(self, images: torch.Tensor) -> None:
+        """Normalise un-normalised reference images ``(k, 3, H, W)`` and store them as the bank."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            msg = f"Reference images must have shape (k, 3, H, W); got {tuple(images.shape)}."
+            raise ReferenceError(msg)
+        with torch.no_grad():
+            self.model.set_reference(self.pre_processor.transform(images.to(self.device)))
+
+    def _ensure_bank(self, stage: str, dataloader_idx: int) -> None:
+        key = (stage, dataloader_idx)
+        if self._bank_key == key:
+            return
+        images = self._reference_images(stage, dataloader_idx)
+        if images is not None:
+            self.set_references(images)
+        elif not self.model.bank.is_set:
+            msg = (
+                "No reference images: give the model k normal images of the class via few_shot_source, a "
+                "datamodule with a training split, or a checkpoint that holds a bank."
+            )
+            raise ReferenceError(msg)
+        self._bank_key = key
+
+    def on_validation_start(self) -> None:
+        """Forget the bank key so the first validation batch sets the references of its class."""
+        self._bank_key = None
+
+    def on_test_start(self) -> None:
+        """Forget the bank key so the first test batch sets the references of its class."""
+        self._bank_key = None
+
+    def on_predict_start(self) -> None:
+        """Forget the bank key so the first predict batch sets the references."""
+        self._bank_key = None
+
+    def _evaluate(self, batch, stage: str, dataloader_idx: int):  # noqa: ANN001, ANN202
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "class_index") and batch.image_path:
+            dataloader_idx = datamodule.class_index(stage, batch.image_path[0])
+        self._ensure_bank(stage, dataloader_idx)
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):  # noqa: ANN001, ANN201
+        """Score a validation batch against the references of its class."""
+        del batch_idx
+        return self._evaluate(batch, "validate", dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):  # noqa: ANN001, ANN201
+        """Score a test batch against the references of its (unseen) class."""
+        del batch_idx
+        return self._evaluate(batch, "test", dataloader_idx)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):  # noqa: ANN001, ANN201
+        """Score a predict batch against the references."""
+        del batch_idx
+        return self._evaluate(batch, "predict", dataloader_idx)

@@ -1,0 +1,309 @@
+"""ResAD: residual feature learning for class-generalizable anomaly detection.
+
+ResAD matches every patch feature of an image to its nearest patch among k normal reference images of the
+*same* class and learns the distribution of the residuals with a feature constraintor and a conditional
+normalizing flow. Residuals of normal patches look alike across classes, so the model trained on some
+classes scores an unseen class from its k references, with no retraining.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_cgad import ResAD
+    >>> from anomalib_cgad.data import CrossClass
+    >>> datamodule = CrossClass(source_dataset="ELPV", source_categories=["mono"], target_categories=["poly"])
+    >>> engine = Engine(max_epochs=5)
+    >>> engine.train(ResAD(), datamodule=datamodule)  # doctest: +SKIP
+
+Paper: https://arxiv.org/abs/2410.20047
+
+See Also:
+    :class:`anomalib_cgad.models.resad.torch_model.ResADModel`: the PyTorch model.
+    :class:`anomalib_cgad.models.resad.anomaly_map.AnomalyMapGenerator`: the anomaly map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_cgad.components.flow import chunks
+from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.models.base import ReferenceMixin
+from anomalib_cgad.models.resad.loss import (
+    BoundaryEMA,
+    flow_loss_official,
+    flow_loss_paper,
+    occ_log_barrier,
+    occ_paper,
+)
+from anomalib_cgad.models.resad.torch_model import ResADModel
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"matching": "l2", "residual": "diff", "occ": "paper", "flow_loss": "paper", "score": "likelihood"},
+    "official": {
+        "matching": "cosine",
+        "residual": "sq_diff",
+        "occ": "log_barrier",
+        "flow_loss": "official",
+        "score": "merged",
+    },
+}
+
+
+def configure_cgad_pre_processor(image_size: tuple[int, int] | None = None) -> PreProcessor:
+    """Resize (``antialias=False``, identical in Lightning and in the exported graph) + ImageNet normalisation."""
+    image_size = image_size or (256, 256)
+    return PreProcessor(
+        transform=Compose([
+            Resize(image_size, antialias=False),
+            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]),
+    )
+
+
+def default_evaluator() -> Evaluator:
+    """anomalib's default test metrics, kept per class and averaged by :class:`PerClassEvaluator`."""
+    from anomalib_cgad.metrics import PerClassEvaluator
+
+    return PerClassEvaluator.default()
+
+
+class ResAD(ReferenceMixin, AnomalibModule):
+    """ResAD lightning module.
+
+    Args:
+        preset (str): ``"official"`` (cosine matching, squared residual, log-barrier OCC, ψ-NLL + abnormal
+            density + focal, merged score) or ``"paper"`` (L2 matching, signed residual, pseudo-Huber OCC,
+            NLL + BG-SPP hinge, likelihood score). Defaults to ``"official"``.
+        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
+        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
+        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
+        k_shot (int): references of a test class. Defaults to ``4``.
+        train_k_shot (int): references drawn per training query. Defaults to ``4``.
+        few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
+        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
+        condition_dim (int): positional-code length. Defaults to ``128``.
+        lr (float): Adam learning rate of constraintor and flows. Defaults to ``2e-4``.
+        weight_decay (float): Adam L2 decay. Defaults to ``5e-4``.
+        bgspp_weight (float): λ of the BG-SPP term. Defaults to ``1.0``.
+        anomalies_per_batch (int): real or synthetic anomalous images added to each training batch.
+            Defaults to ``4``.
+        synthetic_per_class (int): synthetic (Perlin) anomalies made per training class. Defaults to ``16``.
+        fiber_batch (int): flow rows per optimiser step (the remainder chunk is kept). Defaults to ``8192``.
+        seed (int): seed of reference draws and synthetic anomalies. Defaults to ``0``.
+        matching, residual, occ, flow_loss, score (str | None): override single preset entries.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components. Default ``True``.
+
+    Notes:
+        ``learning_type`` is ``ONE_CLASS`` so that ``Engine.train`` fits the model on the source classes;
+        testing on an unseen class needs only its k references.
+    """
+
+    demo_epochs = 8
+
+    def __init__(
+        self,
+        preset: str = "official",
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[int] = (2, 3),
+        backbone_weights: str | None = "pretrained",
+        k_shot: int = 4,
+        train_k_shot: int = 4,
+        few_shot_source: str | None = None,
+        coupling_blocks: int = 8,
+        condition_dim: int = 128,
+        lr: float = 2e-4,
+        weight_decay: float = 5e-4,
+        bgspp_weight: float = 1.0,
+        anomalies_per_batch: int = 4,
+        synthetic_per_class: int = 16,
+        fiber_batch: int = 8192,
+        seed: int = 0,
+        matching: str | None = None,
+        residual: str | None = None,
+        occ: str | None = None,
+        flow_loss: str | None = None,
+        score: str | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: nn.Module | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if preset not in PRESETS:
+            msg = f"preset must be one of {sorted(PRESETS)}, got '{preset}'."
+            raise ValueError(msg)
+        if k_shot < 1 or train_k_shot < 1:
+            msg = f"k_shot and train_k_shot must be >= 1 (got {k_shot}, {train_k_shot})."
+            raise ValueError(msg)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=default_evaluator() if evaluator is True else evaluator,
+            visualizer=visualizer,
+        )
+        options = {**PRESETS[preset]}
+        for key, value in {"matching": matching, "residual": residual, "occ": occ, "flow_loss": flow_loss}.items():
+            if value is not None:
+                options[key] = value
+        if score is not None:
+            options["score"] = score
+        self.options = options
+        self.k_shot = k_shot
+        self.train_k_shot = train_k_shot
+        self.few_shot_source = few_shot_source
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.bgspp_weight = bgspp_weight
+        self.anomalies_per_batch = anomalies_per_batch
+        self.synthetic_per_class = synthetic_per_class
+        self.fiber_batch = fiber_batch
+        self.seed = seed
+        self.model = ResADModel(
+            backbone=backbone,
+            layers=layers,
+            backbone_weights=backbone_weights,
+            matching=options["matching"],
+            residual=options["residual"],
+            coupling_blocks=coupling_blocks,
+            condition_dim=condition_dim,
+            score=options["score"],
+        )
+        self.automatic_optimization = False
+        self._boundaries = [BoundaryEMA() for _ in self.model.backbone.channels]
+        self._epoch_logp_max: torch.Tensor | None = None
+        self._init_references()
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize with ``antialias=False`` (Lightning == exported graph) and ImageNet normalisation."""
+        return configure_cgad_pre_processor(image_size)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One Adam for the constraintor, one for the flows (the flow sees detached features; resad.md §7)."""
+        constraintor = torch.optim.Adam(self.model.constraintor.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        flow = torch.optim.Adam(self.model.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return [constraintor, flow]
+
+    def on_train_start(self) -> None:
+        """Encode the training classes once (references, anomalies)."""
+        if self.training_pool is None:
+            self.build_training_pool(self.synthetic_per_class, self.seed)
+
+    def on_train_epoch_start(self) -> None:
+        """Restart the running max of normal ``logp̄`` that normalises the score levels."""
+        self._epoch_logp_max = None
+
+    # ----------------------------------------------------------------- training
+    def _training_rows(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # noqa: ANN001
+        """Residual maps and anomaly coverage of the batch's normals plus pool anomalies."""
+        pool = self.training_pool
+        by_class: dict[str, list[int]] = {}
+        for path in batch.image_path:
+            found = pool.index.get(str(path))
+            if found is not None:
+                by_class.setdefault(found[0], []).append(found[1])
+        residuals: list[list[torch.Tensor]] = [[] for _ in self.model.backbone.channels]
+        coverage: list[list[torch.Tensor]] = [[] for _ in self.model.backbone.channels]
+        classes = list(by_class)
+        anomalous = [c for c in classes if pool.classes[c].num_anomalies] or [
+            c for c in pool.classes if pool.classes[c].num_anomalies
+        ]
+        per_class_anomalies = dict.fromkeys(anomalous, 0)
+        for i in range(self.anomalies_per_batch if anomalous else 0):
+            per_class_anomalies[anomalous[i % len(anomalous)]] += 1
+        for category in dict.fromkeys([*classes, *per_class_anomalies]):
+            rows = torch.tensor(by_class.get(category, []), dtype=torch.long)
+            cls_pool = pool.classes[category]
+            available = cls_pool.num_normals - len(rows)
+            refs = pool.draw_references(category, min(self.train_k_shot, max(available, 1)), rows)
+            bank = [flatten_patches(r.to(self.device)) for r in refs]
+            feats = [level[rows].to(self.device) for level in cls_pool.normals]
+            covs = [torch.zeros(f.shape[0], *f.shape[-2:], device=self.device) for f in feats]
+            count = per_class_anomalies.get(category, 0)
+            if count:
+                pick = torch.randint(cls_pool.num_anomalies, (count,), generator=pool.generator)
+                feats = [torch.cat([f, a[pick].to(self.device)]) for f, a in zip(feats, cls_pool.anomalies, strict=True)]
+                covs = [torch.cat([c, m[pick].to(self.device)]) for c, m in zip(covs, cls_pool.masks, strict=True)]
+            for level, residual in enumerate(self.model.bank.residuals(feats, bank)):
+                residuals[level].append(residual)
+                coverage[level].append(covs[level])
+        residual_maps = [torch.cat(level) for level in residuals]
+        return residual_maps, [torch.cat(level) for level in coverage]
+
+    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN001
+        """One step: constraintor OCC update, then chunked flow updates on the detached features."""
+        del args, kwargs
+        opt_constraintor, opt_flow = self.optimizers()
+        residual_maps, coverage = self._training_rows(batch)
+        constrained = self.model.constraintor(residual_maps)
+        occ_fn = occ_paper if self.options["occ"] == "paper" else occ_log_barrier
+        occ = sum(
+            occ_fn(flatten_patches(x), flatten_patches(r).detach(), c.reshape(-1))
+            for x, r, c in zip(constrained, residual_maps, coverage, strict=True)
+        )
+        opt_constraintor.zero_grad(set_to_none=True)
+        self.manual_backward(occ)
+        opt_constraintor.step()
+
+        flow_total = torch.zeros((), device=self.device)
+        level_max = []
+        for level, (feature, cov) in enumerate(zip(constrained, coverage, strict=True)):
+            rows = flatten_patches(feature.detach())
+            batch_size, _, height, width = feature.shape
+            condition = self.model.flow.position_code(batch_size, height, width, rows)
+            cov_rows = cov.reshape(-1)
+            normal_max = []
+            for index in chunks(len(rows), self.fiber_batch):
+                logp, zmean = self.model.flow.rows(level, rows[index], condition[index])
+                normal = cov_rows[index] < 0.5
+                boundary = self._boundaries[level].update(logp[normal])
+                if self.options["flow_loss"] == "paper":
+                    loss = flow_loss_paper(logp, cov_rows[index], boundary, weight=self.bgspp_weight)
+                else:
+                    loss = flow_loss_official(logp, zmean, cov_rows[index], boundary, weight=self.bgspp_weight)
+                opt_flow.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                opt_flow.step()
+                flow_total = flow_total + loss.detach()
+                if normal.any():
+                    normal_max.append(logp[normal].detach().max())
+            level_max.append(torch.stack(normal_max).max() if normal_max else self.model.logp_max[level])
+        current = torch.stack(level_max)
+        self._epoch_logp_max = current if self._epoch_logp_max is None else torch.maximum(self._epoch_logp_max, current)
+        self.model.logp_max.copy_(self._epoch_logp_max)
+        self.log("train_occ", occ.detach(), prog_bar=True)
+        self.log("train_flow", flow_total, prog_bar=True)
+        return {"loss": occ.detach() + flow_total}
+
+    # ----------------------------------------------------------------- anomalib contract
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No ``max_epochs`` here: users choose the training length. Sanity validation is skipped."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``ONE_CLASS``: trained on normal images of the source classes (so ``Engine.train`` fits it)."""
+        return LearningType.ONE_CLASS
+
+    def configure_post_processor(self) -> PostProcessor:
+        """anomalib's post-processor: F1-adaptive threshold learned on the source classes' validation."""
+        return PostProcessor()
+
+    def save_bank(self, path: str | Path) -> Path:
+        """Save the current reference bank to a plain tensor file."""
+        return self.model.bank.save(path, self.model.bank_metadata())

