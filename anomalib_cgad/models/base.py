@@ -30,11 +30,33 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from anomalib.metrics import Evaluator
+from anomalib.pre_processing import PreProcessor
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
 from anomalib_cgad.components.training_pool import TrainingPool
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def configure_cgad_pre_processor(image_size: tuple[int, int] | None = None) -> PreProcessor:
+    """Resize (``antialias=False``, identical in Lightning and in the exported graph) + ImageNet normalisation."""
+    image_size = image_size or (256, 256)
+    return PreProcessor(
+        transform=Compose([
+            Resize(image_size, antialias=False),
+            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]),
+    )
+
+
+def default_evaluator() -> Evaluator:
+    """anomalib's default test metrics, kept per class and averaged by :class:`PerClassEvaluator`."""
+    from anomalib_cgad.metrics import PerClassEvaluator
+
+    return PerClassEvaluator.default()
 
 
 class ReferenceError(ValueError):  # noqa: A001 - a clear, specific name for users

@@ -29,18 +29,16 @@ from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_cgad.components.flow import chunks
 from anomalib_cgad.components.reference_bank import flatten_patches
-from anomalib_cgad.models.base import ReferenceMixin
+from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
 from anomalib_cgad.models.resad.loss import (
     BoundaryEMA,
     flow_loss_official,
@@ -62,24 +60,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "score": "merged",
     },
 }
-
-
-def configure_cgad_pre_processor(image_size: tuple[int, int] | None = None) -> PreProcessor:
-    """Resize (``antialias=False``, identical in Lightning and in the exported graph) + ImageNet normalisation."""
-    image_size = image_size or (256, 256)
-    return PreProcessor(
-        transform=Compose([
-            Resize(image_size, antialias=False),
-            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ]),
-    )
-
-
-def default_evaluator() -> Evaluator:
-    """anomalib's default test metrics, kept per class and averaged by :class:`PerClassEvaluator`."""
-    from anomalib_cgad.metrics import PerClassEvaluator
-
-    return PerClassEvaluator.default()
 
 
 class ResAD(ReferenceMixin, AnomalibModule):

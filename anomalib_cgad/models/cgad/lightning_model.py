@@ -1,0 +1,281 @@
+"""CGAD: ResAD's residual representation trained with multi-directional meta-learning.
+
+Each training step is one episode over the *training* classes (components/episodes.py):
+
+1. **inner level** (representation): on normal images of the episode's inner class, residuals against k
+   references of that class are constrained (pseudo-Huber OCC) and fitted by the flow (maximum likelihood);
+2. **outer level** (decision calibration): on the OOD classes, normals (ID) and a few anomalies (OOD; real
+   labelled ones when the training set has them, Perlin-synthetic otherwise) are scored through
+   ``z = logp̄ − b`` and the softmax confidence margin loss (components/confidence_margin.py) tunes the flow,
+   the boundaries ``b`` and the temperature ``T``; PCGrad reconciles the per-class outer losses with a clean
+   maximum-likelihood term on the ID normals.
+
+At test time an unseen class needs k normal references; scores are divided by the references'
+leave-one-out score, so anomalib's threshold learned on the training classes transfers.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_cgad import CGAD
+    >>> from anomalib_cgad.data import CrossClass
+    >>> datamodule = CrossClass(source_dataset="ELPV", source_categories=["mono"], target_categories=["poly"])
+    >>> Engine(max_epochs=4).train(CGAD(), datamodule=datamodule)  # doctest: +SKIP
+
+See Also:
+    :class:`anomalib_cgad.models.cgad.torch_model.CGADModel`: the PyTorch model.
+    :class:`anomalib_cgad.components.episodes.EpisodeSampler`: the episodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from anomalib_cgad.components.confidence_margin import confidence_margin_loss, pcgrad_backward
+from anomalib_cgad.components.episodes import EpisodeSampler
+from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
+from anomalib_cgad.models.cgad.torch_model import CGADModel
+from anomalib_cgad.models.resad.loss import occ_paper
+
+logger = logging.getLogger(__name__)
+
+
+class CGAD(ReferenceMixin, AnomalibModule):
+    """CGAD lightning module (the default model of anomalib-cgad).
+
+    Args:
+        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
+        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
+        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
+        k_shot (int): references of a test class. Defaults to ``4``.
+        k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
+        few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
+        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
+        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
+        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
+        condition_dim (int): positional-code length. Defaults to ``128``.
+        inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
+        anomalies_per_class (int): anomalous images per OOD class and episode. Defaults to ``2``.
+        outer (bool): run the outer level (``False`` = inner only, the ablation). Defaults to ``True``.
+        direction (str): ``"multi"`` or ``"single"`` episodes. Defaults to ``"multi"``.
+        pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
+        margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
+        learn_temperature (bool): learn T. Defaults to ``True``.
+        normalise_by_references (bool): threshold transfer by reference normalisation. Defaults to ``True``.
+        lr (float): inner learning rate (constraintor + flow). Defaults to ``2e-4``.
+        outer_lr (float): outer learning rate of the flow. Defaults to ``1e-4``.
+        calibration_lr (float): learning rate of ``b`` and ``T``. Defaults to ``1e-2``.
+        synthetic_per_class (int): Perlin anomalies made per training class. Defaults to ``16``.
+        seed (int): seed of episodes, references and synthetic anomalies. Defaults to ``0``.
+    """
+
+    demo_epochs = 6
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[int] = (2, 3),
+        backbone_weights: str | None = "pretrained",
+        k_shot: int = 4,
+        k_choices: Sequence[int] = (1, 2, 4, 8),
+        few_shot_source: str | None = None,
+        matching: str = "l2",
+        residual: str = "diff",
+        coupling_blocks: int = 8,
+        condition_dim: int = 128,
+        inner_queries: int = 8,
+        anomalies_per_class: int = 2,
+        outer: bool = True,
+        direction: str = "multi",
+        pcgrad: bool = True,
+        margin: str = "mean_gap",
+        learn_temperature: bool = True,
+        normalise_by_references: bool = True,
+        lr: float = 2e-4,
+        outer_lr: float = 1e-4,
+        calibration_lr: float = 1e-2,
+        synthetic_per_class: int = 16,
+        seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: nn.Module | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if k_shot < 1 or min(k_choices) < 1:
+            msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
+            raise ValueError(msg)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=default_evaluator() if evaluator is True else evaluator,
+            visualizer=visualizer,
+        )
+        self.k_shot = k_shot
+        self.k_choices = list(k_choices)
+        self.few_shot_source = few_shot_source
+        self.inner_queries = inner_queries
+        self.anomalies_per_class = anomalies_per_class
+        self.outer = outer
+        self.direction = direction
+        self.pcgrad = pcgrad
+        self.margin = margin
+        self.lr = lr
+        self.outer_lr = outer_lr
+        self.calibration_lr = calibration_lr
+        self.synthetic_per_class = synthetic_per_class
+        self.seed = seed
+        self.model = CGADModel(
+            backbone=backbone,
+            layers=layers,
+            backbone_weights=backbone_weights,
+            matching=matching,
+            residual=residual,
+            coupling_blocks=coupling_blocks,
+            condition_dim=condition_dim,
+            learn_temperature=learn_temperature,
+            normalise_by_references=normalise_by_references,
+        )
+        self.automatic_optimization = False
+        self.sampler: EpisodeSampler | None = None
+        self.hardness: dict[str, float] = {}
+        self.outer_steps = 0
+        self._init_references()
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize with ``antialias=False`` (Lightning == exported graph) and ImageNet normalisation."""
+        return configure_cgad_pre_processor(image_size)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Inner (constraintor + flow), outer (flow) and calibration (``b``, ``T``) optimisers."""
+        inner = torch.optim.Adam(
+            [*self.model.constraintor.parameters(), *self.model.flow.parameters()], lr=self.lr, weight_decay=5e-4
+        )
+        outer = torch.optim.Adam(self.model.flow.parameters(), lr=self.outer_lr)
+        calibration = torch.optim.Adam([self.model.boundary, self.model.temperature.rho], lr=self.calibration_lr)
+        return [inner, outer, calibration]
+
+    def on_train_start(self) -> None:
+        """Encode the training classes once and set up the episode sampler."""
+        if self.training_pool is None:
+            self.build_training_pool(self.synthetic_per_class, self.seed)
+        if self.sampler is None:
+            self.sampler = EpisodeSampler(
+                list(self.training_pool.classes), direction=self.direction, k_choices=self.k_choices, seed=self.seed
+            )
+
+    # ----------------------------------------------------------------- episode pieces
+    def _class_rows(self, category: str, k: int, n_normal: int, n_anomalous: int):  # noqa: ANN202
+        """Residual maps and coverage of ``n_normal`` normals + ``n_anomalous`` anomalies vs k references."""
+        pool = self.training_pool
+        cls_pool = pool.classes[category]
+        k = max(1, min(k, cls_pool.num_normals - 1))
+        order = torch.randperm(cls_pool.num_normals, generator=pool.generator)
+        refs, queries = order[:k], order[k : k + n_normal]
+        bank = [flatten_patches(level[refs].to(self.device)) for level in cls_pool.normals]
+        feats = [level[queries].to(self.device) for level in cls_pool.normals]
+        covs = [torch.zeros(f.shape[0], *f.shape[-2:], device=self.device) for f in feats]
+        if n_anomalous and cls_pool.num_anomalies:
+            real = cls_pool.real_anomalies
+            source = torch.arange(real) if real else torch.arange(cls_pool.num_anomalies)
+            pick = source[torch.randint(len(source), (n_anomalous,), generator=pool.generator)]
+            feats = [torch.cat([f, a[pick].to(self.device)]) for f, a in zip(feats, cls_pool.anomalies, strict=True)]
+            covs = [torch.cat([c, m[pick].to(self.device)]) for c, m in zip(covs, cls_pool.masks, strict=True)]
+        return self.model.bank.residuals(feats, bank), covs
+
+    def _logp_rows(self, constrained: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for level, feature in enumerate(constrained):
+            logp, _ = self.model.flow(level, feature)
+            out.append(logp.reshape(-1))
+        return out
+
+    def _inner_step(self, category: str, k: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        residuals, coverage = self._class_rows(category, k, self.inner_queries, 0)
+        constrained = self.model.constraintor(residuals)
+        occ = sum(
+            occ_paper(flatten_patches(x), flatten_patches(r).detach(), c.reshape(-1))
+            for x, r, c in zip(constrained, residuals, coverage, strict=True)
+        )
+        nll = -sum(logp.mean() for logp in self._logp_rows([x.detach() for x in constrained]))
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(occ + nll)
+        optimizer.step()
+        return nll.detach()
+
+    def _outer_step(self, outer_classes: Sequence[str], k: int, optimizers: list[torch.optim.Optimizer]) -> dict:
+        temperature = self.model.temperature()
+        losses, clean, gaps = [], [], []
+        for category in outer_classes:
+            n = max(self.anomalies_per_class, 1)
+            residuals, coverage = self._class_rows(category, k, n, self.anomalies_per_class)
+            with torch.no_grad():
+                constrained = self.model.constraintor(residuals)
+            logps = self._logp_rows(constrained)
+            z = torch.cat([(logp - self.model.boundary[level]) for level, logp in enumerate(logps)])
+            cov = torch.cat([c.reshape(-1) for c in coverage])
+            z_id, z_ood = z[cov == 0], z[cov >= 0.5]
+            if len(z_ood) == 0 or len(z_id) == 0:
+                continue
+            limit = min(len(z_id), len(z_ood), 4096)
+            z_id = z_id[torch.randperm(len(z_id), generator=self.training_pool.generator)[:limit].to(z.device)]
+            z_ood = z_ood[torch.randperm(len(z_ood), generator=self.training_pool.generator)[:limit].to(z.device)]
+            losses.append(confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin))
+            clean.append(-torch.cat([logp[cov_l.reshape(-1) == 0] for logp, cov_l in zip(logps, coverage, strict=True)]).mean())
+            gap = (torch.sigmoid(z_id / temperature).mean() - torch.sigmoid(z_ood / temperature).mean()).detach()
+            gaps.append(gap)
+            self.hardness[category] = float(torch.sigmoid(z_ood / temperature).mean().detach())
+        if not losses:
+            return {}
+        outer_opt, calibration_opt = optimizers
+        outer_opt.zero_grad(set_to_none=True)
+        calibration_opt.zero_grad(set_to_none=True)
+        flow_params = list(self.model.flow.parameters())
+        if self.pcgrad and len(losses) + 1 > 1:
+            pcgrad_backward([torch.stack(clean).mean(), *losses], flow_params, seed=self.outer_steps)
+            calibration_grads = torch.autograd.grad(torch.stack(losses).sum(), [self.model.boundary, self.model.temperature.rho])
+            self.model.boundary.grad, self.model.temperature.rho.grad = calibration_grads
+        else:
+            self.manual_backward(torch.stack(losses).sum() + torch.stack(clean).mean())
+        outer_opt.step()
+        calibration_opt.step()
+        self.outer_steps += 1
+        return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
+
+    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN001
+        """One episode: inner maximum-likelihood step, then (unless ``outer=False``) the outer calibration."""
+        del batch, args, kwargs
+        inner_opt, outer_opt, calibration_opt = self.optimizers()
+        episode = self.sampler.sample(self.hardness)
+        nll = torch.stack([self._inner_step(c, episode.k, inner_opt) for c in episode.inner]).mean()
+        self.log("inner_nll", nll, prog_bar=True)
+        logs = self._outer_step(episode.outer, episode.k, [outer_opt, calibration_opt]) if self.outer else {}
+        for key, value in logs.items():
+            self.log(key, value, prog_bar=True)
+        self.log("temperature", self.model.temperature().detach())
+        return {"loss": nll + logs.get("outer_loss", 0.0)}
+
+    # ----------------------------------------------------------------- anomalib contract
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No ``max_epochs``: users choose how many episodes (epochs × batches) to run."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``ONE_CLASS``, so that ``Engine.train`` (meta-)trains the model on the source classes."""
+        return LearningType.ONE_CLASS
+
+    def configure_post_processor(self) -> PostProcessor:
+        """anomalib's post-processor; its threshold, learned on source classes, applies to normalised scores."""
+        return PostProcessor()

@@ -1,0 +1,162 @@
+"""PyTorch model of CGAD: ResAD's residual representation with a calibrated, class-normalised decision.
+
+CGAD keeps ResAD's pipeline (residuals against the k references → feature constraintor → conditional flow
+→ per-level ``logp̄``) and replaces its fixed likelihood-to-score mapping by the meta-learned decision of
+the multi-directional framework:
+
+1. normality logit per patch and level: ``z_l = logp̄_l − b_l`` (learned boundary ``b_l``);
+2. patch score ``1 − σ(z_l / T)`` (learned temperature ``T``) → up-sample, sum, smooth → raw map;
+3. **threshold transfer**: the raw map is divided by ``scale``, the mean image score of the k references
+   scored leave-one-out (each reference against the patches of the *other* references; with k = 1, against
+   its own other positions). ``scale`` is part of the bank, computed from the same k images, so a
+   threshold learned on the training classes means "this many times the score of a normal image of the
+   class", on any class.
+
+Example:
+    >>> import torch
+    >>> model = CGADModel(backbone_weights=None).eval()
+    >>> model.set_reference(torch.rand(2, 3, 128, 128))
+    >>> [tuple(t.shape) for t in model.bank_tensors()][-1]
+    (1,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
+from anomalib_cgad.components.confidence_margin import BoundedTemperature
+from anomalib_cgad.components.reference_bank import ReferenceBank, flatten_patches
+from anomalib_cgad.models.resad.torch_model import ResADModel
+
+
+def leave_one_out_residuals(features: Sequence[torch.Tensor], matching: str, residual: str) -> list[torch.Tensor]:
+    """Residuals of each reference patch against the patches of the *other* references.
+
+    With a single reference the patch itself is excluded instead (nearest other position of the same
+    image). Written with masks, not Python branches, so it exports with a dynamic number of references.
+    """
+    out = []
+    for feature in features:
+        k, channels, height, width = feature.shape
+        rows = flatten_patches(feature)
+        image_id = torch.arange(rows.shape[0], device=rows.device) // (height * width)
+        same_image = image_id[:, None] == image_id[None, :]
+        several = image_id.max() > 0
+        identical = torch.eye(rows.shape[0], dtype=torch.bool, device=rows.device)
+        excluded = same_image & (several | identical)
+        if matching == "cosine":
+            normed = torch.nn.functional.normalize(rows, dim=1)
+            cost = -(normed @ normed.T)
+        else:
+            cost = (rows**2).sum(1, keepdim=True) - 2 * rows @ rows.T + (rows**2).sum(1)[None]
+        cost = cost + excluded.to(cost.dtype) * 1e12
+        diff = rows - rows[cost.argmin(dim=1)]
+        diff = diff * diff if residual == "sq_diff" else diff
+        out.append(diff.reshape(k, height, width, channels).permute(0, 3, 1, 2))
+    return out
+
+
+class CGADModel(ResADModel):
+    """CGAD torch model (a :class:`ResADModel` with a learned, reference-normalised decision).
+
+    Args:
+        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
+        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
+        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
+        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
+        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
+        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
+        condition_dim (int): positional-code length. Defaults to ``128``.
+        temperature_bounds (tuple[float, float]): bounds of the learned temperature. Defaults to ``(0.5, 10)``.
+        learn_temperature (bool): learn T (else fixed at 1). Defaults to ``True``.
+        normalise_by_references (bool): divide scores by the references' leave-one-out score (threshold
+            transfer). Defaults to ``True``.
+
+    Attributes:
+        boundary (nn.Parameter): per-level ``b_l``.
+        temperature (BoundedTemperature): ``T``.
+        scale (torch.Tensor): reference normaliser of the current class (part of the bank).
+    """
+
+    def __init__(
+        self,
+        backbone: str = OFFLINE_BACKBONE,
+        layers: Sequence[int] = (2, 3),
+        backbone_weights: str | None = PRETRAINED,
+        matching: str = "l2",
+        residual: str = "diff",
+        coupling_blocks: int = 8,
+        condition_dim: int = 128,
+        temperature_bounds: tuple[float, float] = (0.5, 10.0),
+        learn_temperature: bool = True,
+        normalise_by_references: bool = True,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            layers=layers,
+            backbone_weights=backbone_weights,
+            matching=matching,
+            residual=residual,
+            coupling_blocks=coupling_blocks,
+            condition_dim=condition_dim,
+            score="likelihood",
+        )
+        self.boundary = nn.Parameter(torch.zeros(len(self.backbone.channels)))
+        self.temperature = BoundedTemperature(1.0, temperature_bounds, learn=learn_temperature)
+        self.normalise_by_references = normalise_by_references
+        self.register_buffer("scale", torch.ones(1))
+
+    def normality_logits(self, logps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``z_l = logp̄_l − b_l`` per level."""
+        return [logp - self.boundary[level] for level, logp in enumerate(logps)]
+
+    def patch_scores(self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``1 − σ(z_l / T)`` per level, ``(B, 1, H_l, W_l)``."""
+        del zmeans
+        temperature = self.temperature()
+        return [(1 - torch.sigmoid(z / temperature)).unsqueeze(1) for z in self.normality_logits(logps)]
+
+    def _raw_map(self, images: torch.Tensor, logps: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.anomaly_map_generator(self.patch_scores(logps, logps), images.shape[-2:])
+
+    @torch.no_grad()
+    def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Bank levels of the references plus their leave-one-out score ``scale`` (shape ``(1,)``)."""
+        features = self.backbone(images)
+        levels = ReferenceBank.build(features)
+        residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
+        constrained = self.constraintor(residuals)
+        logps = [self.flow(level, feature)[0] for level, feature in enumerate(constrained)]
+        scores = torch.amax(self._raw_map(images, logps), dim=(-2, -1)).reshape(-1)
+        scale = scores.mean().clamp(min=1e-6).reshape(1)
+        return [*levels, scale]
+
+    def set_reference(self, images: torch.Tensor) -> None:
+        """Make normalised ``images`` the references (bank levels and score scale)."""
+        *levels, scale = self.compute_bank(images)
+        self.bank.set_tensors(levels, num_refs=images.shape[0])
+        self.scale = scale
+
+    def bank_tensors(self) -> list[torch.Tensor]:
+        """Bank levels followed by the score scale (the order of :meth:`compute_bank`)."""
+        return [*self.bank.tensors(), self.scale]
+
+    def forward_with_bank(self, images: torch.Tensor, bank: Sequence[torch.Tensor]) -> InferenceBatch:
+        """Score normalised ``images`` against explicit bank tensors (levels + scale)."""
+        *levels, scale = bank
+        features = self.backbone(images)
+        _, _, logps, _ = self.level_outputs(features, levels)
+        anomaly_map = self._raw_map(images, logps)
+        if self.normalise_by_references:
+            anomaly_map = anomaly_map / scale.reshape(1, 1, 1, 1)
+        pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Score normalised ``images`` against the stored bank."""
+        return self.forward_with_bank(images, self.bank_tensors())
