@@ -163,6 +163,44 @@ class TrainingPool:
         rows = torch.tensor([candidates[i] for i in order.tolist()])
         return [level[rows] for level in pool.normals]
 
+    def draw_class(
+        self,
+        category: str,
+        k: int,
+        n_normal: int,
+        n_anomalous: int = 0,
+        prefer_real: bool = True,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """References, queries and query coverage of one class for an episode.
+
+        Args:
+            category (str): training class.
+            k (int): references (capped so at least one normal query remains).
+            n_normal (int): normal query images, disjoint from the references.
+            n_anomalous (int): anomalous query images (real ones first when ``prefer_real``, else synthetic).
+            prefer_real (bool): draw from the real labelled anomalies when the class has them.
+
+        Returns:
+            per-level reference features ``(k, C, H, W)``, query features ``(n, C, H, W)`` and query coverage
+            ``(n, H, W)`` (0 for normal queries).
+        """
+        pool = self.classes[category]
+        k = max(1, min(k, pool.num_normals - 1))
+        order = torch.randperm(pool.num_normals, generator=self.generator)
+        refs, queries = order[:k], order[k : k + n_normal]
+        ref_feats = [level[refs] for level in pool.normals]
+        feats = [level[queries] for level in pool.normals]
+        covs = [torch.zeros(len(queries), *f.shape[-2:]) for f in feats]
+        if n_anomalous and pool.num_anomalies:
+            real = pool.real_anomalies if prefer_real else 0
+            source = torch.arange(real) if real else torch.arange(pool.real_anomalies, pool.num_anomalies)
+            if len(source) == 0:
+                source = torch.arange(pool.num_anomalies)
+            pick = source[torch.randint(len(source), (n_anomalous,), generator=self.generator)]
+            feats = [torch.cat([f, a[pick]]) for f, a in zip(feats, pool.anomalies, strict=True)]
+            covs = [torch.cat([c, m[pick]]) for c, m in zip(covs, pool.masks, strict=True)]
+        return ref_feats, feats, covs
+
     def normals_of(self, category: str, rows: torch.Tensor) -> list[torch.Tensor]:
         """Per-level features of the given normal rows of ``category``."""
         return [level[rows] for level in self.classes[category].normals]

@@ -177,21 +177,10 @@ class CGAD(ReferenceMixin, AnomalibModule):
     # ----------------------------------------------------------------- episode pieces
     def _class_rows(self, category: str, k: int, n_normal: int, n_anomalous: int):  # noqa: ANN202
         """Residual maps and coverage of ``n_normal`` normals + ``n_anomalous`` anomalies vs k references."""
-        pool = self.training_pool
-        cls_pool = pool.classes[category]
-        k = max(1, min(k, cls_pool.num_normals - 1))
-        order = torch.randperm(cls_pool.num_normals, generator=pool.generator)
-        refs, queries = order[:k], order[k : k + n_normal]
-        bank = [flatten_patches(level[refs].to(self.device)) for level in cls_pool.normals]
-        feats = [level[queries].to(self.device) for level in cls_pool.normals]
-        covs = [torch.zeros(f.shape[0], *f.shape[-2:], device=self.device) for f in feats]
-        if n_anomalous and cls_pool.num_anomalies:
-            real = cls_pool.real_anomalies
-            source = torch.arange(real) if real else torch.arange(cls_pool.num_anomalies)
-            pick = source[torch.randint(len(source), (n_anomalous,), generator=pool.generator)]
-            feats = [torch.cat([f, a[pick].to(self.device)]) for f, a in zip(feats, cls_pool.anomalies, strict=True)]
-            covs = [torch.cat([c, m[pick].to(self.device)]) for c, m in zip(covs, cls_pool.masks, strict=True)]
-        return self.model.bank.residuals(feats, bank), covs
+        refs, feats, covs = self.training_pool.draw_class(category, k, n_normal, n_anomalous)
+        bank = [flatten_patches(r.to(self.device)) for r in refs]
+        residuals = self.model.bank.residuals([f.to(self.device) for f in feats], bank)
+        return residuals, [c.to(self.device) for c in covs]
 
     def _logp_rows(self, constrained: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []

@@ -1,0 +1,275 @@
+"""MetaAD: the multi-directional meta-learning framework on image patch features.
+
+Each training step is one episode over the training classes (components/episodes.py):
+
+1. **inner level**: the encoder, decoder and head learn the normal manifold of the inner class's patches:
+   one-class BCE ``BCE(σ(z), 1)`` at ``T = 1`` plus ``0.1 ×`` feature reconstruction (``inner_mode="one_class"``,
+   the paper's Eq. 4), or binary BCE with synthetic anomalies as negatives (``"supervised"``, what the
+   authors' notebooks ran);
+2. **outer level** (``outer=True``): with the encoder frozen except its last layer, the head and ``T`` are
+   calibrated on normals (ID) and a few anomalies (OOD) of other classes, after one ODIN step, by the
+   softmax confidence margin loss; PCGrad reconciles the per-class outer losses with a clean inner term.
+
+Paper: https://arxiv.org/abs/2601.19833 (tabular data; the image adaptation follows metaad.md §9-10).
+
+See Also:
+    :class:`anomalib_cgad.models.metaad.torch_model.MetaADModel`: the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from anomalib import LearningType
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from anomalib_cgad.components.confidence_margin import confidence_margin_loss, pcgrad_backward
+from anomalib_cgad.components.episodes import EpisodeSampler
+from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
+from anomalib_cgad.models.metaad.torch_model import MetaADModel
+
+logger = logging.getLogger(__name__)
+
+INNER_MODES = ("one_class", "supervised")
+
+
+class MetaAD(ReferenceMixin, AnomalibModule):
+    """MetaAD lightning module.
+
+    Args:
+        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
+        layers (Sequence[int]): two backbone stages. Defaults to ``(2, 3)``.
+        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
+        k_shot (int): references of a test class. Defaults to ``4``.
+        k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
+        few_shot_source (str | None): folder of reference images. Defaults to ``None``.
+        input_mode (str): ``"residual"`` or ``"raw"``. Defaults to ``"residual"``.
+        inner_mode (str): ``"one_class"`` or ``"supervised"``. Defaults to ``"one_class"``.
+        outer (bool): run the outer level. Defaults to ``True``.
+        direction (str): ``"multi"`` or ``"single"``. Defaults to ``"multi"``.
+        pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
+        margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
+        learn_temperature (bool): learn ``T``. Defaults to ``True``.
+        odin (bool): one ODIN step before scoring (ε = 2e-3). Defaults to ``True``.
+        inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
+        anomalies_per_class (int): anomalies per OOD class and episode (0 = synthetic negatives only in
+            ``supervised`` mode, no outer level data). Defaults to ``2``.
+        reconstruction_weight (float): λ_rec. Defaults to ``0.1``.
+        lr (float): inner AdamW learning rate. Defaults to ``1e-3``.
+        head_lr (float): outer learning rate of the head. Defaults to ``3e-3``.
+        encoder_lr (float): outer learning rate of the last encoder layer. Defaults to ``1e-4``.
+        temperature_lr (float): learning rate of ``T``. Defaults to ``1e-3``.
+        synthetic_per_class (int): Perlin anomalies made per training class. Defaults to ``16``.
+        seed (int): seed of episodes and draws. Defaults to ``0``.
+    """
+
+    demo_epochs = 6
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[int] = (2, 3),
+        backbone_weights: str | None = "pretrained",
+        k_shot: int = 4,
+        k_choices: Sequence[int] = (1, 2, 4, 8),
+        few_shot_source: str | None = None,
+        input_mode: str = "residual",
+        inner_mode: str = "one_class",
+        outer: bool = True,
+        direction: str = "multi",
+        pcgrad: bool = True,
+        margin: str = "mean_gap",
+        learn_temperature: bool = True,
+        odin: bool = True,
+        inner_queries: int = 8,
+        anomalies_per_class: int = 2,
+        reconstruction_weight: float = 0.1,
+        lr: float = 1e-3,
+        head_lr: float = 3e-3,
+        encoder_lr: float = 1e-4,
+        temperature_lr: float = 1e-3,
+        synthetic_per_class: int = 16,
+        seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: nn.Module | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if inner_mode not in INNER_MODES:
+            msg = f"inner_mode must be one of {INNER_MODES}, got '{inner_mode}'."
+            raise ValueError(msg)
+        if k_shot < 1 or min(k_choices) < 1:
+            msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
+            raise ValueError(msg)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=default_evaluator() if evaluator is True else evaluator,
+            visualizer=visualizer,
+        )
+        self.k_shot = k_shot
+        self.k_choices = list(k_choices)
+        self.few_shot_source = few_shot_source
+        self.inner_mode = inner_mode
+        self.outer = outer
+        self.direction = direction
+        self.pcgrad = pcgrad
+        self.margin = margin
+        self.inner_queries = inner_queries
+        self.anomalies_per_class = anomalies_per_class
+        self.reconstruction_weight = reconstruction_weight
+        self.lr, self.head_lr, self.encoder_lr, self.temperature_lr = lr, head_lr, encoder_lr, temperature_lr
+        self.synthetic_per_class = synthetic_per_class
+        self.seed = seed
+        self.model = MetaADModel(
+            backbone=backbone,
+            layers=layers,
+            backbone_weights=backbone_weights,
+            input_mode=input_mode,
+            odin_eps=2e-3 if odin else 0.0,
+            learn_temperature=learn_temperature,
+        )
+        self.automatic_optimization = False
+        self.sampler: EpisodeSampler | None = None
+        self.hardness: dict[str, float] = {}
+        self.outer_steps = 0
+        self._init_references()
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize with ``antialias=False`` (Lightning == exported graph) and ImageNet normalisation."""
+        return configure_cgad_pre_processor(image_size)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Inner AdamW (encoder, decoder, head), outer Adam (head, last encoder layer) and a T-only Adam."""
+        model = self.model
+        inner = torch.optim.AdamW(
+            [*model.encoder.parameters(), model.head], lr=self.lr, weight_decay=1e-4, betas=(0.9, 0.99)
+        )
+        outer = torch.optim.Adam([
+            {"params": [model.head], "lr": self.head_lr},
+            {"params": list(model.encoder.last.parameters()), "lr": self.encoder_lr},
+        ])
+        temperature = torch.optim.Adam([model.temperature.rho], lr=self.temperature_lr)
+        return [inner, outer, temperature]
+
+    @torch.no_grad()
+    def _fit_standardisation(self) -> None:
+        projected = [self.model.project([level.to(self.device) for level in pool.normals])
+                     for pool in self.training_pool.classes.values()]  # fmt: skip
+        rows = torch.cat([flatten_patches(p) for p in projected])
+        self.model.mean.copy_(rows.mean(0))
+        self.model.std.copy_(rows.std(0).clamp(min=1e-6))
+
+    def on_train_start(self) -> None:
+        """Encode the training classes once, fit the standardisation, set up the episode sampler."""
+        if self.training_pool is None:
+            self.build_training_pool(self.synthetic_per_class, self.seed)
+            self._fit_standardisation()
+        if self.sampler is None:
+            self.sampler = EpisodeSampler(
+                list(self.training_pool.classes), direction=self.direction, k_choices=self.k_choices, seed=self.seed
+            )
+
+    # ----------------------------------------------------------------- episode pieces
+    def _class_inputs(self, category: str, k: int, n_normal: int, n_anomalous: int):  # noqa: ANN202
+        """Head inputs ``(N, C_in, H, W)`` and coverage ``(N, H, W)`` of one class's queries."""
+        refs, feats, covs = self.training_pool.draw_class(category, k, n_normal, n_anomalous)
+        model = self.model
+        with torch.no_grad():
+            bank = flatten_patches(model.standardise(model.project([r.to(self.device) for r in refs])))
+            embedded = model.standardise(model.project([f.to(self.device) for f in feats]))
+            x = model.inputs(embedded, bank)
+        return x, covs[0].to(self.device)
+
+    def _inner_step(self, category: str, k: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        n_anomalous = self.anomalies_per_class if self.inner_mode == "supervised" else 0
+        x, coverage = self._class_inputs(category, k, self.inner_queries, n_anomalous)
+        u = self.model.encoder(x)
+        z = self.model.logit_scale * torch.einsum("bchw,c->bhw", F.normalize(u, dim=1), self.model.unit_head())
+        normal = coverage == 0
+        loss = F.binary_cross_entropy_with_logits(z[normal], torch.ones_like(z[normal]))
+        if self.inner_mode == "supervised" and (coverage >= 0.5).any():
+            abnormal = coverage >= 0.5
+            loss = loss + F.binary_cross_entropy_with_logits(z[abnormal], torch.zeros_like(z[abnormal]))
+        reconstruction = F.mse_loss(self.model.encoder.decoder(u), x)
+        loss = loss + self.reconstruction_weight * reconstruction
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+    def _outer_step(self, outer_classes: Sequence[str], k: int, optimizers: list[torch.optim.Optimizer]) -> dict:
+        temperature = self.model.temperature()
+        losses, clean, gaps = [], [], []
+        for category in outer_classes:
+            x, coverage = self._class_inputs(category, k, max(self.anomalies_per_class, 1), self.anomalies_per_class)
+            with torch.no_grad():
+                perturbed = self.model.odin(x)
+            z_clean = self.model.logits(x)
+            z = self.model.logits(perturbed)
+            z_id, z_ood = z[coverage == 0], z[coverage >= 0.5]
+            if len(z_ood) == 0 or len(z_id) == 0:
+                continue
+            limit = min(len(z_id), len(z_ood), 4096)
+            generator = self.training_pool.generator
+            z_id = z_id[torch.randperm(len(z_id), generator=generator)[:limit].to(z.device)]
+            z_ood = z_ood[torch.randperm(len(z_ood), generator=generator)[:limit].to(z.device)]
+            losses.append(confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin))
+            normal_clean = z_clean[coverage == 0]
+            clean.append(F.binary_cross_entropy_with_logits(normal_clean, torch.ones_like(normal_clean)))
+            p_ood = torch.sigmoid(z_ood / temperature).mean().detach()
+            gaps.append(torch.sigmoid(z_id / temperature).mean().detach() - p_ood)
+            self.hardness[category] = float(p_ood)
+        if not losses:
+            return {}
+        outer_opt, temperature_opt = optimizers
+        outer_opt.zero_grad(set_to_none=True)
+        temperature_opt.zero_grad(set_to_none=True)
+        shared = [self.model.head, *self.model.encoder.last.parameters()]
+        if self.pcgrad:
+            pcgrad_backward([torch.stack(clean).mean(), *losses], shared, seed=self.outer_steps)
+            (self.model.temperature.rho.grad,) = torch.autograd.grad(torch.stack(losses).sum(), [self.model.temperature.rho])
+        else:
+            self.manual_backward(torch.stack(losses).sum() + torch.stack(clean).mean())
+        outer_opt.step()
+        temperature_opt.step()
+        self.outer_steps += 1
+        return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
+
+    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN001
+        """One episode: inner step(s), then the outer calibration unless ``outer=False``."""
+        del batch, args, kwargs
+        inner_opt, outer_opt, temperature_opt = self.optimizers()
+        episode = self.sampler.sample(self.hardness)
+        inner = torch.stack([self._inner_step(c, episode.k, inner_opt) for c in episode.inner]).mean()
+        self.log("inner_loss", inner, prog_bar=True)
+        logs = self._outer_step(episode.outer, episode.k, [outer_opt, temperature_opt]) if self.outer else {}
+        for key, value in logs.items():
+            self.log(key, value, prog_bar=True)
+        return {"loss": inner + logs.get("outer_loss", 0.0)}
+
+    # ----------------------------------------------------------------- anomalib contract
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No ``max_epochs``: users choose how many episodes (epochs × batches) to run."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``ONE_CLASS``, so that ``Engine.train`` (meta-)trains the model on the source classes."""
+        return LearningType.ONE_CLASS
+
+    def configure_post_processor(self) -> PostProcessor:
+        """anomalib's post-processor (F1-adaptive threshold from the source classes' validation)."""
+        return PostProcessor()
