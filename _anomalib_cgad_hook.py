@@ -22,14 +22,14 @@ _PLUGIN = "anomalib_cgad"
 def _import_plugin() -> None:
     try:
         __import__(_PLUGIN)
-    except Exception as exc:  # noqa: BLE001 - a broken plugin must never break anomalib
+    except Exception as exc:
         warnings.warn(f"anomalib-cgad could not register its models: {exc!r}", UserWarning, stacklevel=2)
 
 
 class _AfterAnomalibModels(importlib.abc.MetaPathFinder):
     """One-shot finder: wraps the loader of ``anomalib.models`` to import the plugin afterwards."""
 
-    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001, ANN201
+    def find_spec(self, fullname, path=None, target=None):
         if fullname != _TARGET:
             return None
         # Remove ourselves first, so the plugin's own imports cannot recurse into this finder.
@@ -40,7 +40,7 @@ class _AfterAnomalibModels(importlib.abc.MetaPathFinder):
             return spec
         original_exec = spec.loader.exec_module
 
-        def exec_module(module):  # noqa: ANN001, ANN202
+        def exec_module(module):
             original_exec(module)
             _import_plugin()
 
@@ -56,5 +56,5 @@ def install() -> None:
             return
         if not any(isinstance(finder, _AfterAnomalibModels) for finder in sys.meta_path):
             sys.meta_path.insert(0, _AfterAnomalibModels())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         warnings.warn(f"anomalib-cgad start-up hook failed: {exc!r}", UserWarning, stacklevel=2)

@@ -9,7 +9,7 @@ Subcommands:
 
 Example:
     $ anomalib-cgad demo --model CGAD
-    $ anomalib-cgad train --model CGAD --data anomalib_cgad.data.CrossClass --config configs/protocols/elpv_mono_to_poly.yaml
+    $ anomalib-cgad train --model CGAD --config configs/protocols/elpv_mono_to_poly.yaml
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ ANOMALIB_SUBCOMMANDS = {"train", "fit", "validate", "test", "predict", "export",
 
 
 def _run_anomalib(argv: list[str]) -> None:
-    import anomalib_cgad  # noqa: F401 - registers the models before anomalib parses
     from anomalib.cli.cli import main as anomalib_main
+
+    import anomalib_cgad  # noqa: F401 - registers the models before anomalib parses
 
     sys.argv = ["anomalib", *argv]
     anomalib_main()

@@ -36,7 +36,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-shot", type=int, default=4, help="normal reference images of the unseen class")
     parser.add_argument("--reference-seed", type=int, default=0, help="which k references are drawn")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's demo preset)")
-    parser.add_argument("--image-size", type=int, default=256, help="square input size")
+    parser.add_argument("--image-size", type=int, default=160, help="square input size (160 keeps the CPU demo short)")
     parser.add_argument("--out", default="results/demo", help="results root; each run gets a new v<N> folder")
     parser.set_defaults(func=run_demo)
 
@@ -49,7 +49,7 @@ def _next_version(root: Path) -> Path:
     return path
 
 
-def build_datamodule(dataset: str, out: Path, k_shot: int, reference_seed: int, image_size: int):  # noqa: ANN201
+def build_datamodule(dataset: str, out: Path, k_shot: int, reference_seed: int, image_size: int):
     """Return the demo's CrossClass datamodule and a short description of the protocol."""
     from anomalib_cgad.data import CrossClass, make_synthetic_mvtec
 
@@ -114,15 +114,22 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
 
     out = _next_version(Path(args.out))
     datamodule, title = build_datamodule(args.dataset, out, args.k_shot, args.reference_seed, args.image_size)
-    model = get_model(args.model)
+    model_class = type(get_model(args.model))
+    size = (args.image_size, args.image_size)
+    model = model_class(pre_processor=model_class.configure_pre_processor(size))
     epochs = args.epochs if args.epochs is not None else getattr(model, "demo_epochs", 1)
     print(f"anomalib-cgad demo: {args.model}, {title}, k={args.k_shot}, {epochs} epoch(s); results in {out}")
-    engine = Engine(max_epochs=epochs, default_root_dir=out, accelerator="auto", devices=1)
+    # Validation (which learns the threshold on the source classes) runs once, after the last epoch.
+    engine = Engine(
+        max_epochs=epochs, default_root_dir=out, accelerator="auto", devices=1, check_val_every_n_epoch=epochs
+    )
     start = time.perf_counter()
     engine.train(model=model, datamodule=datamodule)
     elapsed = time.perf_counter() - start
     results = engine.trainer.callback_metrics
-    metrics = {key: float(value) for key, value in results.items() if "/" in key or key.startswith(("image_", "pixel_"))}
+    metrics = {
+        key: float(value) for key, value in results.items() if "/" in key or key.startswith(("image_", "pixel_"))
+    }
     write_report(metrics, list(datamodule.test_categories), out, f"{args.model}, {title}, k={args.k_shot}")
     print((out / "metrics.md").read_text())
     print(f"train + test took {elapsed:.0f} s; per-class CSV, table and plot in {out}")

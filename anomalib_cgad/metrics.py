@@ -32,7 +32,7 @@ class PerClassEvaluator(Evaluator):
         compute_on_cpu (bool): as anomalib's ``Evaluator``. Defaults to ``True``.
     """
 
-    def __init__(self, val_metrics: Any = None, test_metrics: Any = None, compute_on_cpu: bool = True) -> None:  # noqa: ANN401
+    def __init__(self, val_metrics: Any = None, test_metrics: Any = None, compute_on_cpu: bool = True) -> None:
         super().__init__(val_metrics=val_metrics, test_metrics=test_metrics, compute_on_cpu=compute_on_cpu)
         self._per_class = ModuleDict()
 
@@ -49,7 +49,7 @@ class PerClassEvaluator(Evaluator):
         )
 
     @staticmethod
-    def class_name(trainer: Trainer, stage: str, batch: Any, dataloader_idx: int) -> str:  # noqa: ANN401
+    def class_name(trainer: Trainer, stage: str, batch: Any, dataloader_idx: int) -> str:
         """Class of a batch: from the datamodule's ``class_index`` (cross-class), else the dataloader index."""
         datamodule = getattr(trainer, "datamodule", None)
         index = dataloader_idx
@@ -61,7 +61,7 @@ class PerClassEvaluator(Evaluator):
             return str(names[index])
         return str(getattr(datamodule, "category", None) or f"class{index}")
 
-    def _metrics_for(self, stage: str, name: str, template) -> Any:  # noqa: ANN001, ANN401
+    def _metrics_for(self, stage: str, name: str, template) -> Any:
         key = f"{stage}::{name}"
         if key not in self._per_class:
             metrics = copy.deepcopy(template)
@@ -70,7 +70,7 @@ class PerClassEvaluator(Evaluator):
             self._per_class[key] = metrics
         return self._per_class[key]
 
-    def _update(self, trainer: Trainer, stage: str, template, batch, dataloader_idx: int) -> None:  # noqa: ANN001
+    def _update(self, trainer: Trainer, stage: str, template, batch, dataloader_idx: int) -> None:
         name = self.class_name(trainer, stage, batch, dataloader_idx)
         for metric in self._metrics_for(stage, name, template):
             metric.update(batch)
@@ -84,7 +84,10 @@ class PerClassEvaluator(Evaluator):
             for metric in self._per_class[key]:
                 try:
                     value = metric.compute()
-                except Exception:  # noqa: BLE001 - e.g. a pixel metric on a class without masks
+                except Exception:
+                    continue
+                if value is None:  # strict=False metric whose fields never came (no masks, e.g. ELPV)
+                    metric.reset()
                     continue
                 value = float(value)
                 logged[f"{metric.name}/{name}"] = value
@@ -104,8 +107,8 @@ class PerClassEvaluator(Evaluator):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        outputs: Any,  # noqa: ANN401
-        batch: Any,  # noqa: ANN401
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
@@ -123,8 +126,8 @@ class PerClassEvaluator(Evaluator):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        outputs: Any,  # noqa: ANN401
-        batch: Any,  # noqa: ANN401
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:

@@ -50,7 +50,7 @@ def seed_timm_cache(cache_root: str | Path | None = None) -> Path:
     return snapshot
 
 
-def build_peer(name: str, k_shot: int, backbone: str = "tf_efficientnet_lite0"):  # noqa: ANN201
+def build_peer(name: str, k_shot: int, backbone: str = "tf_efficientnet_lite0"):
     """Instantiate anomalib peer ``name`` for a k-shot run (visualizer off).
 
     Raises:
@@ -62,9 +62,13 @@ def build_peer(name: str, k_shot: int, backbone: str = "tf_efficientnet_lite0"):
         seed_timm_cache()
     try:
         if name == "Patchcore":
-            return Patchcore(backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer2", "layer3"]), visualizer=False)
+            return Patchcore(
+                backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer2", "layer3"]), visualizer=False
+            )
         if name == "Padim":
-            return Padim(backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer1", "layer2", "layer3"]), visualizer=False)
+            return Padim(
+                backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer1", "layer2", "layer3"]), visualizer=False
+            )
         if name == "AnomalyDINO":
             return AnomalyDINO(visualizer=False)
         if name == "WinClip":

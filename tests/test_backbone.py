@@ -57,7 +57,8 @@ def test_feature_shapes_per_layer(layers: tuple[int, ...], channels: list[int], 
     assert extractor.channels == channels
     assert extractor.strides == strides
     features = extractor(torch.rand(2, 3, 128, 96))
-    assert [tuple(f.shape) for f in features] == [(2, c, 128 // s, 96 // s) for c, s in zip(channels, strides)]
+    expected = [(2, c, 128 // s, 96 // s) for c, s in zip(channels, strides, strict=True)]
+    assert [tuple(f.shape) for f in features] == expected
 
 
 def test_backbone_is_frozen_and_stays_in_eval_mode() -> None:

@@ -105,7 +105,8 @@ def pcgrad_backward(losses: Sequence[torch.Tensor], params: Sequence[nn.Paramete
     flat_grads = []
     for loss in losses:
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        flat_grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]))
+        flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
+        flat_grads.append(torch.cat(flat))
     projected = [g.clone() for g in flat_grads]
     rng = random.Random(seed)
     conflicts = 0

@@ -83,6 +83,13 @@ def available_categories(name: str, root: str | None) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _official(dataset: str, categories: list[str]) -> bool:
+    """Whether every class is one of the public dataset's own (so anomalib's download can provide it)."""
+    from anomalib.data.datasets.image import mvtecad, visa
+
+    return set(categories) <= set({"MVTecAD": mvtecad.CATEGORIES, "Visa": visa.CATEGORIES}[dataset])
+
+
 class CrossClass(AnomalibDataModule):
     """Source classes for training, unseen target classes for testing, k-shot references for both.
 
@@ -134,7 +141,9 @@ class CrossClass(AnomalibDataModule):
         dataset_class(self.target_dataset)
         self.source_root = source_root if source_root is not None else default_root(source_dataset)
         if target_root is None:
-            target_root = self.source_root if self.target_dataset == source_dataset else default_root(self.target_dataset)
+            target_root = (
+                self.source_root if self.target_dataset == source_dataset else default_root(self.target_dataset)
+            )
         self.target_root = target_root
         self.source_categories = [str(c) for c in source_categories]
         self.target_categories = [str(c) for c in target_categories]
@@ -194,8 +203,8 @@ class CrossClass(AnomalibDataModule):
             try:
                 self._check_present(dataset, root, categories)
             except FileNotFoundError as missing:
-                if dataset not in {"MVTecAD", "Visa"} or root is None:
-                    raise
+                if dataset not in {"MVTecAD", "Visa"} or root is None or not _official(dataset, categories):
+                    raise  # never download a public dataset into a custom folder because of a typo
                 self._download_with_anomalib(dataset, root, categories, missing)
 
     @staticmethod

@@ -41,7 +41,7 @@ def elpv_root() -> Path:
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or spec.origin is None:
         msg = (
-            "The ELPV data comes with the optional extra: pip install \"anomalib-cgad[elpv]\" "
+            'The ELPV data comes with the optional extra: pip install "anomalib-cgad[elpv]" '
             "(or pip install elpv-dataset)."
         )
         raise ELPVNotInstalledError(msg)
@@ -74,7 +74,7 @@ def make_elpv_samples(
     frame = frame[frame.type == category].reset_index(drop=True)
     normal = frame[frame.probability == 0.0]
     order = np.random.default_rng(SPLIT_SEED).permutation(len(normal))
-    cut = int(round(TRAIN_FRACTION * len(normal)))
+    cut = round(TRAIN_FRACTION * len(normal))
     train_normal = normal.iloc[np.sort(order[:cut])]
     test_normal = normal.iloc[np.sort(order[cut:])]
     clear = frame[frame.probability == 1.0]

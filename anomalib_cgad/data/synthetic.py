@@ -72,8 +72,10 @@ def _checker(rng: np.random.Generator, size: int) -> np.ndarray:
 def _waves(rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = _grid(size)
     freq = rng.uniform(3.5, 4.5)
-    wave = 0.5 + 0.25 * np.sin(2 * np.pi * freq * xx + 2 * np.sin(2 * np.pi * 2 * yy)) + 0.25 * np.cos(
-        2 * np.pi * freq * yy + rng.uniform(0, 2 * np.pi)
+    wave = (
+        0.5
+        + 0.25 * np.sin(2 * np.pi * freq * xx + 2 * np.sin(2 * np.pi * 2 * yy))
+        + 0.25 * np.cos(2 * np.pi * freq * yy + rng.uniform(0, 2 * np.pi))
     )
     low, high = np.array([0.6, 0.2, 0.2]), np.array([0.95, 0.75, 0.45])
     return low[None, None] * (1 - wave[..., None]) + high[None, None] * wave[..., None]

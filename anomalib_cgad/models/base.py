@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-
 from anomalib.metrics import Evaluator
 from anomalib.pre_processing import PreProcessor
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_cgad.components.training_pool import TrainingPool
@@ -45,10 +44,12 @@ def configure_cgad_pre_processor(image_size: tuple[int, int] | None = None) -> P
     """Resize (``antialias=False``, identical in Lightning and in the exported graph) + ImageNet normalisation."""
     image_size = image_size or (256, 256)
     return PreProcessor(
-        transform=Compose([
-            Resize(image_size, antialias=False),
-            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ]),
+        transform=Compose(
+            [
+                Resize(image_size, antialias=False),
+                Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ]
+        ),
     )
 
 
@@ -59,7 +60,7 @@ def default_evaluator() -> Evaluator:
     return PerClassEvaluator.default()
 
 
-class ReferenceError(ValueError):  # noqa: A001 - a clear, specific name for users
+class ReferenceError(ValueError):
     """The k-shot references of a class cannot be obtained."""
 
 
@@ -70,7 +71,9 @@ def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
         if not folder.exists():
             msg = f"Reference source '{folder}' does not exist."
             raise ReferenceError(msg)
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else [folder]
+        paths = (
+            sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else [folder]
+        )
         if not paths:
             msg = f"Reference folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})."
             raise ReferenceError(msg)
@@ -115,7 +118,7 @@ class ReferenceMixin:
         self.training_pool: TrainingPool | None = None
 
     # ----------------------------------------------------------------- training side
-    def _category_resolver(self):  # noqa: ANN202
+    def _category_resolver(self):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "category_of"):
             return datamodule.category_of
@@ -132,7 +135,7 @@ class ReferenceMixin:
         loader = datamodule.train_dataloader()
         device = self.device
 
-        def batches():  # noqa: ANN202
+        def batches():
             for batch in loader:
                 yield batch.to(device) if hasattr(batch, "to") else batch
 
@@ -206,24 +209,24 @@ class ReferenceMixin:
         """Forget the bank key so the first predict batch sets the references."""
         self._bank_key = None
 
-    def _evaluate(self, batch, stage: str, dataloader_idx: int):  # noqa: ANN001, ANN202
+    def _evaluate(self, batch, stage: str, dataloader_idx: int):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "class_index") and batch.image_path:
             dataloader_idx = datamodule.class_index(stage, batch.image_path[0])
         self._ensure_bank(stage, dataloader_idx)
         return batch.update(**self.model(batch.image)._asdict())
 
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):  # noqa: ANN001, ANN201
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """Score a validation batch against the references of its class."""
         del batch_idx
         return self._evaluate(batch, "validate", dataloader_idx)
 
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):  # noqa: ANN001, ANN201
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """Score a test batch against the references of its (unseen) class."""
         del batch_idx
         return self._evaluate(batch, "test", dataloader_idx)
 
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):  # noqa: ANN001, ANN201
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """Score a predict batch against the references."""
         del batch_idx
         return self._evaluate(batch, "predict", dataloader_idx)

@@ -79,7 +79,7 @@ class CGAD(ReferenceMixin, AnomalibModule):
         seed (int): seed of episodes, references and synthetic anomalies. Defaults to ``0``.
     """
 
-    demo_epochs = 6
+    demo_epochs = 4
 
     def __init__(
         self,
@@ -175,7 +175,7 @@ class CGAD(ReferenceMixin, AnomalibModule):
             )
 
     # ----------------------------------------------------------------- episode pieces
-    def _class_rows(self, category: str, k: int, n_normal: int, n_anomalous: int):  # noqa: ANN202
+    def _class_rows(self, category: str, k: int, n_normal: int, n_anomalous: int):
         """Residual maps and coverage of ``n_normal`` normals + ``n_anomalous`` anomalies vs k references."""
         refs, feats, covs = self.training_pool.draw_class(category, k, n_normal, n_anomalous)
         bank = [flatten_patches(r.to(self.device)) for r in refs]
@@ -220,7 +220,9 @@ class CGAD(ReferenceMixin, AnomalibModule):
             z_id = z_id[torch.randperm(len(z_id), generator=self.training_pool.generator)[:limit].to(z.device)]
             z_ood = z_ood[torch.randperm(len(z_ood), generator=self.training_pool.generator)[:limit].to(z.device)]
             losses.append(confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin))
-            clean.append(-torch.cat([logp[cov_l.reshape(-1) == 0] for logp, cov_l in zip(logps, coverage, strict=True)]).mean())
+            clean.append(
+                -torch.cat([logp[cov_l.reshape(-1) == 0] for logp, cov_l in zip(logps, coverage, strict=True)]).mean()
+            )
             gap = (torch.sigmoid(z_id / temperature).mean() - torch.sigmoid(z_ood / temperature).mean()).detach()
             gaps.append(gap)
             self.hardness[category] = float(torch.sigmoid(z_ood / temperature).mean().detach())
@@ -232,7 +234,9 @@ class CGAD(ReferenceMixin, AnomalibModule):
         flow_params = list(self.model.flow.parameters())
         if self.pcgrad and len(losses) + 1 > 1:
             pcgrad_backward([torch.stack(clean).mean(), *losses], flow_params, seed=self.outer_steps)
-            calibration_grads = torch.autograd.grad(torch.stack(losses).sum(), [self.model.boundary, self.model.temperature.rho])
+            calibration_grads = torch.autograd.grad(
+                torch.stack(losses).sum(), [self.model.boundary, self.model.temperature.rho]
+            )
             self.model.boundary.grad, self.model.temperature.rho.grad = calibration_grads
         else:
             self.manual_backward(torch.stack(losses).sum() + torch.stack(clean).mean())
@@ -241,7 +245,7 @@ class CGAD(ReferenceMixin, AnomalibModule):
         self.outer_steps += 1
         return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
 
-    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN001
+    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
         """One episode: inner maximum-likelihood step, then (unless ``outer=False``) the outer calibration."""
         del batch, args, kwargs
         inner_opt, outer_opt, calibration_opt = self.optimizers()

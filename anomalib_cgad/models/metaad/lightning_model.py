@@ -32,8 +32,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_cgad.components.confidence_margin import confidence_margin_loss, pcgrad_backward
-from anomalib_cgad.components.episodes import EpisodeSampler
+from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, pcgrad_backward
+from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
@@ -61,9 +61,12 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
         learn_temperature (bool): learn ``T``. Defaults to ``True``.
         odin (bool): one ODIN step before scoring (ε = 2e-3). Defaults to ``True``.
+        image_score (str): ``"max"`` of the smoothed map or ``"top1p"`` (mean of its top 1%). Defaults to ``"max"``.
         inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
-        anomalies_per_class (int): anomalies per OOD class and episode (0 = synthetic negatives only in
-            ``supervised`` mode, no outer level data). Defaults to ``2``.
+        anomalies_per_class (int): anomalies per OOD class and episode (K_anom). Real labelled anomalies of
+            the class are used when the training set has them, synthetic Perlin ones otherwise. ``0`` = the
+            "synthetic only" ablation: the outer level still runs, on ``SYNTHETIC_ONLY_COUNT`` synthetic
+            anomalies per class, and real labelled anomalies are never used. Defaults to ``2``.
         reconstruction_weight (float): λ_rec. Defaults to ``0.1``.
         lr (float): inner AdamW learning rate. Defaults to ``1e-3``.
         head_lr (float): outer learning rate of the head. Defaults to ``3e-3``.
@@ -73,7 +76,8 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         seed (int): seed of episodes and draws. Defaults to ``0``.
     """
 
-    demo_epochs = 6
+    demo_epochs = 4
+    SYNTHETIC_ONLY_COUNT = 2
 
     def __init__(
         self,
@@ -91,6 +95,7 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         margin: str = "mean_gap",
         learn_temperature: bool = True,
         odin: bool = True,
+        image_score: str = "max",
         inner_queries: int = 8,
         anomalies_per_class: int = 2,
         reconstruction_weight: float = 0.1,
@@ -110,6 +115,18 @@ class MetaAD(ReferenceMixin, AnomalibModule):
             raise ValueError(msg)
         if k_shot < 1 or min(k_choices) < 1:
             msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
+            raise ValueError(msg)
+        if direction not in DIRECTIONS:
+            msg = f"direction must be one of {DIRECTIONS}, got '{direction}'."
+            raise ValueError(msg)
+        if margin not in MARGINS:
+            msg = f"margin must be one of {MARGINS}, got '{margin}'."
+            raise ValueError(msg)
+        if anomalies_per_class < 0:
+            msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
+            raise ValueError(msg)
+        if outer and anomalies_per_class == 0 and synthetic_per_class == 0:
+            msg = "anomalies_per_class=0 (synthetic only) needs synthetic_per_class > 0 for the outer level."
             raise ValueError(msg)
         super().__init__(
             pre_processor=pre_processor,
@@ -138,6 +155,7 @@ class MetaAD(ReferenceMixin, AnomalibModule):
             input_mode=input_mode,
             odin_eps=2e-3 if odin else 0.0,
             learn_temperature=learn_temperature,
+            image_score=image_score,
         )
         self.automatic_optimization = False
         self.sampler: EpisodeSampler | None = None
@@ -156,20 +174,30 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         inner = torch.optim.AdamW(
             [*model.encoder.parameters(), model.head], lr=self.lr, weight_decay=1e-4, betas=(0.9, 0.99)
         )
-        outer = torch.optim.Adam([
-            {"params": [model.head], "lr": self.head_lr},
-            {"params": list(model.encoder.last.parameters()), "lr": self.encoder_lr},
-        ])
+        outer = torch.optim.Adam(
+            [
+                {"params": [model.head], "lr": self.head_lr},
+                {"params": list(model.encoder.last.parameters()), "lr": self.encoder_lr},
+            ]
+        )
         temperature = torch.optim.Adam([model.temperature.rho], lr=self.temperature_lr)
         return [inner, outer, temperature]
 
     @torch.no_grad()
-    def _fit_standardisation(self) -> None:
-        projected = [self.model.project([level.to(self.device) for level in pool.normals])
-                     for pool in self.training_pool.classes.values()]  # fmt: skip
-        rows = torch.cat([flatten_patches(p) for p in projected])
-        self.model.mean.copy_(rows.mean(0))
-        self.model.std.copy_(rows.std(0).clamp(min=1e-6))
+    def _fit_standardisation(self, chunk: int = 32) -> None:
+        """Per-channel mean/std of the projected normal patches of the training classes (streamed, float64)."""
+        count, total, squares = 0, 0.0, 0.0
+        for pool in self.training_pool.classes.values():
+            for start in range(0, pool.num_normals, chunk):
+                levels = [level[start : start + chunk].to(self.device) for level in pool.normals]
+                rows = flatten_patches(self.model.project(levels)).double()
+                count += rows.shape[0]
+                total = total + rows.sum(0)
+                squares = squares + (rows**2).sum(0)
+        mean = total / count
+        variance = (squares - count * mean**2) / max(count - 1, 1)
+        self.model.mean.copy_(mean.float())
+        self.model.std.copy_(variance.clamp(min=0).sqrt().float().clamp(min=1e-6))
 
     def on_train_start(self) -> None:
         """Encode the training classes once, fit the standardisation, set up the episode sampler."""
@@ -182,9 +210,9 @@ class MetaAD(ReferenceMixin, AnomalibModule):
             )
 
     # ----------------------------------------------------------------- episode pieces
-    def _class_inputs(self, category: str, k: int, n_normal: int, n_anomalous: int):  # noqa: ANN202
+    def _class_inputs(self, category: str, k: int, n_normal: int, n_anomalous: int, prefer_real: bool = True):
         """Head inputs ``(N, C_in, H, W)`` and coverage ``(N, H, W)`` of one class's queries."""
-        refs, feats, covs = self.training_pool.draw_class(category, k, n_normal, n_anomalous)
+        refs, feats, covs = self.training_pool.draw_class(category, k, n_normal, n_anomalous, prefer_real)
         model = self.model
         with torch.no_grad():
             bank = flatten_patches(model.standardise(model.project([r.to(self.device) for r in refs])))
@@ -193,8 +221,10 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         return x, covs[0].to(self.device)
 
     def _inner_step(self, category: str, k: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        n_anomalous = self.anomalies_per_class if self.inner_mode == "supervised" else 0
-        x, coverage = self._class_inputs(category, k, self.inner_queries, n_anomalous)
+        negatives = self.anomalies_per_class or self.SYNTHETIC_ONLY_COUNT
+        n_anomalous = negatives if self.inner_mode == "supervised" else 0
+        # supervised negatives are synthetic (metaad.md §3): real labelled anomalies stay for the outer level
+        x, coverage = self._class_inputs(category, k, self.inner_queries, n_anomalous, prefer_real=False)
         u = self.model.encoder(x)
         z = self.model.logit_scale * torch.einsum("bchw,c->bhw", F.normalize(u, dim=1), self.model.unit_head())
         normal = coverage == 0
@@ -212,8 +242,10 @@ class MetaAD(ReferenceMixin, AnomalibModule):
     def _outer_step(self, outer_classes: Sequence[str], k: int, optimizers: list[torch.optim.Optimizer]) -> dict:
         temperature = self.model.temperature()
         losses, clean, gaps = [], [], []
+        synthetic_only = self.anomalies_per_class == 0
+        n_anomalous = self.SYNTHETIC_ONLY_COUNT if synthetic_only else self.anomalies_per_class
         for category in outer_classes:
-            x, coverage = self._class_inputs(category, k, max(self.anomalies_per_class, 1), self.anomalies_per_class)
+            x, coverage = self._class_inputs(category, k, n_anomalous, n_anomalous, prefer_real=not synthetic_only)
             with torch.no_grad():
                 perturbed = self.model.odin(x)
             z_clean = self.model.logits(x)
@@ -232,6 +264,9 @@ class MetaAD(ReferenceMixin, AnomalibModule):
             gaps.append(torch.sigmoid(z_id / temperature).mean().detach() - p_ood)
             self.hardness[category] = float(p_ood)
         if not losses:
+            if not getattr(self, "_warned_no_outer", False):
+                logger.warning("Outer level skipped: no anomalous patches for classes %s.", list(outer_classes))
+                self._warned_no_outer = True
             return {}
         outer_opt, temperature_opt = optimizers
         outer_opt.zero_grad(set_to_none=True)
@@ -239,7 +274,9 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         shared = [self.model.head, *self.model.encoder.last.parameters()]
         if self.pcgrad:
             pcgrad_backward([torch.stack(clean).mean(), *losses], shared, seed=self.outer_steps)
-            (self.model.temperature.rho.grad,) = torch.autograd.grad(torch.stack(losses).sum(), [self.model.temperature.rho])
+            rho = self.model.temperature.rho
+            if rho.requires_grad:  # learn_temperature=False: T is a constant, nothing to differentiate
+                (rho.grad,) = torch.autograd.grad(torch.stack(losses).sum(), [rho])
         else:
             self.manual_backward(torch.stack(losses).sum() + torch.stack(clean).mean())
         outer_opt.step()
@@ -247,7 +284,7 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         self.outer_steps += 1
         return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
 
-    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN001
+    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
         """One episode: inner step(s), then the outer calibration unless ``outer=False``."""
         del batch, args, kwargs
         inner_opt, outer_opt, temperature_opt = self.optimizers()

@@ -93,7 +93,7 @@ class ResAD(ReferenceMixin, AnomalibModule):
         testing on an unseen class needs only its k references.
     """
 
-    demo_epochs = 8
+    demo_epochs = 6
 
     def __init__(
         self,
@@ -174,7 +174,9 @@ class ResAD(ReferenceMixin, AnomalibModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One Adam for the constraintor, one for the flows (the flow sees detached features; resad.md §7)."""
-        constraintor = torch.optim.Adam(self.model.constraintor.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        constraintor = torch.optim.Adam(
+            self.model.constraintor.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
         flow = torch.optim.Adam(self.model.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         return [constraintor, flow]
 
@@ -188,7 +190,7 @@ class ResAD(ReferenceMixin, AnomalibModule):
         self._epoch_logp_max = None
 
     # ----------------------------------------------------------------- training
-    def _training_rows(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # noqa: ANN001
+    def _training_rows(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Residual maps and anomaly coverage of the batch's normals plus pool anomalies."""
         pool = self.training_pool
         by_class: dict[str, list[int]] = {}
@@ -216,7 +218,9 @@ class ResAD(ReferenceMixin, AnomalibModule):
             count = per_class_anomalies.get(category, 0)
             if count:
                 pick = torch.randint(cls_pool.num_anomalies, (count,), generator=pool.generator)
-                feats = [torch.cat([f, a[pick].to(self.device)]) for f, a in zip(feats, cls_pool.anomalies, strict=True)]
+                feats = [
+                    torch.cat([f, a[pick].to(self.device)]) for f, a in zip(feats, cls_pool.anomalies, strict=True)
+                ]
                 covs = [torch.cat([c, m[pick].to(self.device)]) for c, m in zip(covs, cls_pool.masks, strict=True)]
             for level, residual in enumerate(self.model.bank.residuals(feats, bank)):
                 residuals[level].append(residual)
@@ -224,7 +228,7 @@ class ResAD(ReferenceMixin, AnomalibModule):
         residual_maps = [torch.cat(level) for level in residuals]
         return residual_maps, [torch.cat(level) for level in coverage]
 
-    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ANN001
+    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step: constraintor OCC update, then chunked flow updates on the detached features."""
         del args, kwargs
         opt_constraintor, opt_flow = self.optimizers()

@@ -1,0 +1,153 @@
+"""ResAD, MetaAD and CGAD end to end through anomalib's Engine on generated data, and their key properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from anomalib.engine import Engine
+
+from anomalib_cgad import CGAD, MetaAD, ResAD
+from anomalib_cgad.components.backbone import FeatureExtractor
+from anomalib_cgad.components.reference_bank import residual_features
+from anomalib_cgad.models.metaad.torch_model import MetaADModel
+
+IMAGENET = (torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+
+
+def _engine(tmp_path, epochs: int) -> Engine:
+    return Engine(
+        max_epochs=epochs, default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False,
+    )  # fmt: skip
+
+
+def _small(model_cls, **kwargs):
+    """The model at the generated images' own size (96 px) so tests stay fast on CPU."""
+    return model_cls(pre_processor=model_cls.configure_pre_processor((96, 96)), visualizer=False, **kwargs)
+
+
+def _fit_and_test(model, datamodule, tmp_path, epochs: int = 3) -> tuple[Engine, dict[str, float]]:
+    engine = _engine(tmp_path, epochs)
+    engine.fit(model=model, datamodule=datamodule)
+    results = engine.test(model=model, datamodule=datamodule)[0]
+    return engine, results
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "kwargs", "epochs", "min_auroc"),
+    [(ResAD, {}, 3, 0.9), (CGAD, {}, 3, 0.9), (MetaAD, {}, 8, 0.8), (ResAD, {"preset": "paper"}, 3, 0.9)],
+)
+def test_train_then_test_on_an_unseen_class(model_cls, kwargs, epochs, min_auroc, cross_class, tmp_path) -> None:
+    model = _small(model_cls, **kwargs)
+    _, results = _fit_and_test(model, cross_class(), tmp_path, epochs)
+    assert results["image_AUROC/waves"] == results["image_AUROC"]
+    assert results["image_AUROC"] >= min_auroc, results
+    assert results["pixel_AUROC"] >= 0.8, results
+    assert model.training_pool.classes.keys() == {"stripes", "dots", "checker"}
+
+
+def test_checkpoint_reload_gives_identical_scores(cross_class, tmp_path) -> None:
+    datamodule = cross_class()
+    model = _small(CGAD)
+    engine = _engine(tmp_path, 2)
+    engine.fit(model=model, datamodule=datamodule)
+    ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    assert ckpt
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert any(key.endswith("bank.bank_0") for key in payload["state_dict"])
+    reloaded = CGAD.load_from_checkpoint(ckpt, visualizer=False).eval()
+    model.eval()
+    images = torch.stack([datamodule.test_data[i].image for i in range(6)])
+    refs = datamodule.reference_images("test", 0)
+    scores = []
+    for candidate in (model, reloaded):
+        candidate.set_references(refs)
+        with torch.no_grad():
+            scores.append(candidate.model(candidate.pre_processor.transform(images)).pred_score)
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+
+
+def test_outer_level_off_really_skips_it(cross_class, tmp_path) -> None:
+    model = _small(MetaAD, outer=False)
+    _engine(tmp_path, 1).fit(model=model, datamodule=cross_class())
+    assert model.outer_steps == 0
+    on = _small(MetaAD)
+    _engine(tmp_path / "on", 1).fit(model=on, datamodule=cross_class())
+    assert on.outer_steps > 0
+
+
+def _anomaly_margin(model, datamodule) -> float:
+    """Mean anomaly-map value inside defects minus outside, on the source classes' validation images."""
+    datamodule.setup()
+    inside, outside = [], []
+    model.eval()
+    for batch in datamodule.val_dataloader():
+        index = datamodule.class_index("validate", batch.image_path[0])
+        model.set_references(datamodule.reference_images("validate", index))
+        with torch.no_grad():
+            out = model.model(model.pre_processor.transform(batch.image))
+        mask = torch.nn.functional.interpolate(batch.gt_mask[:, None].float(), size=out.anomaly_map.shape[-2:])
+        mask = mask[:, 0].bool()
+        inside.append(out.anomaly_map[:, 0][mask])
+        outside.append(out.anomaly_map[:, 0][~mask])
+    return float(torch.cat(inside).mean() - torch.cat(outside).mean())
+
+
+def test_outer_level_widens_the_margin_between_normal_and_anomalous(cross_class, tmp_path) -> None:
+    margins = {}
+    for outer in (False, True):
+        torch.manual_seed(0)
+        model = _small(MetaAD, outer=outer)
+        _engine(tmp_path / str(outer), 3).fit(model=model, datamodule=cross_class())
+        margins[outer] = _anomaly_margin(model, cross_class())
+    assert margins[True] > margins[False], margins
+
+
+def test_closed_form_odin_gradient_matches_autograd() -> None:
+    torch.manual_seed(0)
+    model = MetaADModel(backbone_weights=None, in_channels=16)
+    x = torch.randn(2, 16, 3, 3, requires_grad=True)
+    z = model.logits(x)
+    (autograd,) = torch.autograd.grad(z.sum(), x)
+    closed = model.logit_input_gradient(x.detach())
+    assert torch.allclose(closed, autograd, atol=1e-6)
+
+
+def test_normal_residuals_of_two_classes_are_closer_than_their_raw_features(synthetic_root) -> None:
+    """ResAD's premise, measured on real backbone features of two generated classes."""
+    from anomalib_cgad.models.base import load_images
+
+    extractor = FeatureExtractor(layers=(2,))
+
+    def feats(category: str, split: str, count: int) -> torch.Tensor:
+        paths = sorted((synthetic_root / category / split / "good").glob("*.png"))[:count]
+        images = (load_images(paths, (128, 128)) - IMAGENET[0]) / IMAGENET[1]
+        return extractor(images)[0]
+
+    stats = {}
+    for category in ("stripes", "dots"):
+        refs, queries = feats(category, "train", 4), feats(category, "test", 4)
+        bank = refs.permute(0, 2, 3, 1).reshape(-1, refs.shape[1])
+        residual = residual_features([queries], [bank])[0]
+        stats[category] = (queries.mean((0, 2, 3)), residual.mean((0, 2, 3)))
+    raw_gap = (stats["stripes"][0] - stats["dots"][0]).norm()
+    residual_gap = (stats["stripes"][1] - stats["dots"][1]).norm()
+    assert residual_gap < 0.5 * raw_gap, (float(raw_gap), float(residual_gap))
+
+
+def test_reference_bank_switches_with_the_class(cross_class, tmp_path) -> None:
+    """A normal image of class B scores lower against B's bank than against A's bank."""
+    datamodule = cross_class()
+    model = _small(ResAD)
+    _engine(tmp_path, 2).fit(model=model, datamodule=datamodule)
+    model.eval()
+    target = datamodule.reference_images("test", 0)
+    other = datamodule.reference_images("validate", 0)
+    query = torch.stack([datamodule.test_data[i].image for i in range(len(datamodule.test_data))
+                         if int(datamodule.test_data[i].gt_label) == 0][:3])  # fmt: skip
+    scores = {}
+    for name, refs in (("own", target), ("other", other)):
+        model.set_references(refs)
+        with torch.no_grad():
+            scores[name] = model.model(model.pre_processor.transform(query)).pred_score.mean()
+    assert scores["own"] < scores["other"], scores
