@@ -40,12 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalib_cgad.demo import add_demo_arguments
 
     add_demo_arguments(sub.add_parser("demo", help="embedded cross-class demo (ELPV when installed, else generated)"))
-    try:
-        from anomalib_cgad.deploy.cli import add_bank_arguments
-    except ImportError:  # deployment extras not built yet
-        add_bank_arguments = None
-    if add_bank_arguments is not None:
-        add_bank_arguments(sub.add_parser("bank", help="compute a reference bank for a new class from k images"))
     return parser
 
 
