@@ -54,21 +54,36 @@ def flatten_patches(feature: torch.Tensor) -> torch.Tensor:
 def nearest_reference(queries: torch.Tensor, bank: torch.Tensor, matching: str = "l2") -> torch.Tensor:
     """Return, for each query row, the nearest bank row.
 
+    Works for one bank shared by all queries (``(N, C)`` vs ``(M, C)``) and for one bank per sample
+    (``(B, N, C)`` vs ``(B, M, C)``): a batched matmul, an ``argmin``/``argmax`` and a ``gather``.
+
     Args:
-        queries (torch.Tensor): ``(N, C)`` query patches.
-        bank (torch.Tensor): ``(M, C)`` reference patches.
+        queries (torch.Tensor): ``(..., N, C)`` query patches.
+        bank (torch.Tensor): ``(..., M, C)`` reference patches.
         matching (str): ``"l2"`` or ``"cosine"``.
 
     Returns:
-        torch.Tensor: ``(N, C)`` nearest reference rows (un-normalised, as stored).
+        torch.Tensor: ``(..., N, C)`` nearest reference rows (un-normalised, as stored).
+
+    Example:
+        >>> bank = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
+        >>> nearest_reference(torch.tensor([[1.0, 0.1]]), bank, "cosine")
+        tensor([[10.,  0.]])
     """
     if matching == "cosine":
-        similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
-        index = similarity.argmax(dim=1)
+        similarity = F.normalize(queries, dim=-1) @ F.normalize(bank, dim=-1).transpose(-1, -2)
+        index = similarity.argmax(dim=-1)
     else:
-        distance = (queries**2).sum(1, keepdim=True) - 2 * queries @ bank.T + (bank**2).sum(1)[None]
-        index = distance.argmin(dim=1)
-    return bank[index]
+        distance = (
+            (queries**2).sum(-1, keepdim=True) - 2 * queries @ bank.transpose(-1, -2) + (bank**2).sum(-1).unsqueeze(-2)
+        )
+        index = distance.argmin(dim=-1)
+    return torch.gather(bank, -2, index.unsqueeze(-1).expand(*index.shape, bank.shape[-1]))
+
+
+def _residual(queries: torch.Tensor, nearest: torch.Tensor, residual: str) -> torch.Tensor:
+    diff = queries - nearest
+    return diff * diff if residual == "sq_diff" else diff
 
 
 def residual_features(
@@ -92,8 +107,39 @@ def residual_features(
     for feature, refs in zip(features, bank, strict=True):
         batch, channels, height, width = feature.shape
         queries = flatten_patches(feature)
-        diff = queries - nearest_reference(queries, refs.to(queries.dtype), matching)
-        diff = diff * diff if residual == "sq_diff" else diff
+        diff = _residual(queries, nearest_reference(queries, refs.to(queries.dtype), matching), residual)
+        out.append(diff.reshape(batch, height, width, channels).permute(0, 3, 1, 2))
+    return out
+
+
+def batched_residual_features(
+    features: Sequence[torch.Tensor],
+    banks: Sequence[torch.Tensor],
+    matching: str = "l2",
+    residual: str = "diff",
+) -> list[torch.Tensor]:
+    """Residuals of each sample against its *own* reference set (training: every query has its references).
+
+    Args:
+        features (Sequence[torch.Tensor]): per level ``(B, C_l, H_l, W_l)``.
+        banks (Sequence[torch.Tensor]): per level ``(B, M_l, C_l)``: the reference patches of each sample.
+        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
+        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
+
+    Returns:
+        list[torch.Tensor]: per level ``(B, C_l, H_l, W_l)`` residual maps.
+
+    Example:
+        >>> feats = [torch.rand(2, 8, 4, 4)]
+        >>> banks = [flatten_patches(feats[0]).reshape(2, 16, 8)]  # each sample is its own reference
+        >>> batched_residual_features(feats, banks)[0].abs().max() < 1e-3
+        tensor(True)
+    """
+    out = []
+    for feature, refs in zip(features, banks, strict=True):
+        batch, channels, height, width = feature.shape
+        queries = feature.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        diff = _residual(queries, nearest_reference(queries, refs.to(queries.dtype), matching), residual)
         out.append(diff.reshape(batch, height, width, channels).permute(0, 3, 1, 2))
     return out
 

@@ -151,7 +151,7 @@ class TrainingPool:
     def draw_references(self, category: str, k: int, exclude: Iterable[int] = ()) -> list[torch.Tensor]:
         """k distinct normal images of ``category`` (never one of ``exclude``) as per-level features."""
         pool = self.classes[category]
-        excluded = set(exclude)
+        excluded = {int(i) for i in exclude}  # ints: a set of 0-d tensors would match nothing
         candidates = [i for i in range(pool.num_normals) if i not in excluded]
         if len(candidates) < k:
             msg = (

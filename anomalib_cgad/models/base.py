@@ -146,7 +146,11 @@ class ReferenceMixin:
         return self.training_pool
 
     # ----------------------------------------------------------------- evaluation side
-    def _input_size(self) -> tuple[int, int]:
+    def reference_image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the pre-processor's ``Resize`` (256² without one): the size references are loaded at.
+
+        (Not ``_input_size``: ``AnomalibModule.__init__`` sets an attribute of that name to ``None``.)
+        """
         for transform in getattr(self.pre_processor.transform, "transforms", []):
             size = getattr(transform, "size", None)
             if size is not None:
@@ -159,7 +163,7 @@ class ReferenceMixin:
             if len(paths) < self.k_shot:
                 msg = f"few_shot_source '{self.few_shot_source}' has {len(paths)} images; k_shot={self.k_shot}."
                 raise ReferenceError(msg)
-            return load_images(paths[: self.k_shot], self._input_size())
+            return load_images(paths[: self.k_shot], self.reference_image_size())
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return None

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_cgad.components.flow import chunks
-from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.components.reference_bank import ReferenceBank, batched_residual_features, flatten_patches
 from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
 from anomalib_cgad.models.resad.loss import (
     BoundaryEMA,
@@ -208,25 +208,60 @@ class ResAD(ReferenceMixin, AnomalibModule):
         for i in range(self.anomalies_per_batch if anomalous else 0):
             per_class_anomalies[anomalous[i % len(anomalous)]] += 1
         for category in dict.fromkeys([*classes, *per_class_anomalies]):
-            rows = torch.tensor(by_class.get(category, []), dtype=torch.long)
+            rows = by_class.get(category, [])
             cls_pool = pool.classes[category]
-            available = cls_pool.num_normals - len(rows)
-            refs = pool.draw_references(category, min(self.train_k_shot, max(available, 1)), rows)
-            bank = [flatten_patches(r.to(self.device)) for r in refs]
             feats = [level[rows].to(self.device) for level in cls_pool.normals]
             covs = [torch.zeros(f.shape[0], *f.shape[-2:], device=self.device) for f in feats]
             count = per_class_anomalies.get(category, 0)
             if count:
-                pick = torch.randint(cls_pool.num_anomalies, (count,), generator=pool.generator)
-                feats = [
-                    torch.cat([f, a[pick].to(self.device)]) for f, a in zip(feats, cls_pool.anomalies, strict=True)
-                ]
-                covs = [torch.cat([c, m[pick].to(self.device)]) for c, m in zip(covs, cls_pool.masks, strict=True)]
-            for level, residual in enumerate(self.model.bank.residuals(feats, bank)):
+                # real labelled anomalies when the class has them (as the paper), else the synthetic ones
+                source = cls_pool.real_anomalies or cls_pool.num_anomalies
+                pick = torch.randint(source, (count,), generator=pool.generator)
+                extra = [a[pick].to(self.device) for a in cls_pool.anomalies]
+                extra_covs = [m[pick].to(self.device) for m in cls_pool.masks]
+                feats = [torch.cat(pair) for pair in zip(feats, extra, strict=True)]
+                covs = [torch.cat(pair) for pair in zip(covs, extra_covs, strict=True)]
+            for level, residual in enumerate(self._class_residuals(category, rows, feats)):
                 residuals[level].append(residual)
                 coverage[level].append(covs[level])
         residual_maps = [torch.cat(level) for level in residuals]
         return residual_maps, [torch.cat(level) for level in coverage]
+
+    def _class_residuals(self, category: str, rows: list[int], feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Residuals of one class's training queries against normal references that never include a query.
+
+        Official-like: one set of ``train_k_shot`` references for the class, drawn without replacement from
+        its normals outside the batch. When the batch holds (almost) the whole class, every query gets its
+        own references instead, drawn from all normals but itself (resad.md §15.9).
+
+        Args:
+            category (str): training class.
+            rows (list[int]): pool rows of the class's normal queries (the first ``len(rows)`` of ``feats``).
+            feats (list[torch.Tensor]): per-level query features ``(n, C_l, H_l, W_l)``; rows past
+                ``len(rows)`` are anomalies.
+
+        Returns:
+            list[torch.Tensor]: per-level residual maps ``(n, C_l, H_l, W_l)``.
+        """
+        pool = self.training_pool
+        num_normals = pool.classes[category].num_normals
+        if num_normals - len(rows) >= self.train_k_shot:
+            refs = pool.draw_references(category, self.train_k_shot, rows)
+            return self.model.bank.residuals(feats, [flatten_patches(r.to(self.device)) for r in refs])
+        k = min(self.train_k_shot, num_normals - 1)
+        if k < 1:
+            msg = (
+                f"Training class '{category}' has {num_normals} normal image(s); ResAD needs at least 2 to give "
+                "each training image a reference other than itself."
+            )
+            raise ValueError(msg)
+        excludes = [[row] for row in rows] + [[] for _ in range(feats[0].shape[0] - len(rows))]
+        per_sample = [pool.draw_references(category, k, exclude) for exclude in excludes]
+        banks = [
+            torch.stack([flatten_patches(refs[level]) for refs in per_sample]).to(self.device)
+            for level in range(len(feats))
+        ]
+        return batched_residual_features(feats, banks, self.model.bank.matching, self.model.bank.residual)
 
     def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
         """One step: constraintor OCC update, then chunked flow updates on the detached features."""
@@ -288,6 +323,18 @@ class ResAD(ReferenceMixin, AnomalibModule):
         """anomalib's post-processor: F1-adaptive threshold learned on the source classes' validation."""
         return PostProcessor()
 
+    def bank_metadata(self) -> dict:
+        """What a saved bank must match: the torch model's metadata plus the input size of the pre-processor."""
+        return {**self.model.bank_metadata(), "image_size": list(self.reference_image_size())}
+
     def save_bank(self, path: str | Path) -> Path:
-        """Save the current reference bank to a plain tensor file."""
-        return self.model.bank.save(path, self.model.bank_metadata())
+        """Save the current reference bank to a plain tensor file (tensors + metadata, no pickled objects)."""
+        return self.model.bank.save(path, self.bank_metadata())
+
+    def load_bank(self, path: str | Path) -> None:
+        """Make a bank file written by :meth:`save_bank` the current bank.
+
+        Raises:
+            BankMismatchError: the bank was built with another backbone, layers, matching, residual or image size.
+        """
+        self.model.bank.set_tensors(ReferenceBank.load(path, self.bank_metadata()))

@@ -1,0 +1,143 @@
+"""Reference bank: nearest-neighbour residuals on real backbone features, matching modes, storage, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from anomalib_cgad.components.backbone import FeatureExtractor
+from anomalib_cgad.components.reference_bank import (
+    ReferenceBank,
+    batched_residual_features,
+    flatten_patches,
+    nearest_reference,
+    residual_features,
+)
+from anomalib_cgad.models.base import load_images
+
+IMAGENET = (torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    return FeatureExtractor(layers=(2, 3))
+
+
+def _images(root, category: str, split: str = "train", kind: str = "good", count: int = 4) -> torch.Tensor:
+    paths = sorted((root / category / split / kind).glob("*.png"))[:count]
+    return (load_images(paths, (96, 96)) - IMAGENET[0]) / IMAGENET[1]
+
+
+@pytest.mark.parametrize("matching", ["l2", "cosine"])
+@pytest.mark.parametrize("residual", ["diff", "sq_diff"])
+def test_real_image_against_a_bank_containing_it_has_zero_residual(
+    extractor, synthetic_root, matching: str, residual: str
+) -> None:
+    features = extractor(_images(synthetic_root, "stripes"))
+    bank = ReferenceBank(2, matching=matching, residual=residual)
+    bank.set(features)
+    own = bank.residuals([f[2:3] for f in features])
+    scale = [f.abs().mean() for f in features]
+    for level, value in enumerate(own):
+        # The ‖x‖²−2xy+‖y‖² form loses a little precision, but the nearest row must be the patch itself.
+        assert value.abs().max() < 1e-4 * max(1.0, float(scale[level])), (level, float(value.abs().max()))
+    other = bank.residuals(extractor(_images(synthetic_root, "stripes", "test", count=1)))
+    assert all(value.abs().mean() > 1e-3 for value in other)
+
+
+def test_cosine_matching_picks_the_most_similar_direction_not_the_closest_point() -> None:
+    bank = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
+    query = torch.tensor([[1.0, 0.1]])
+    assert torch.equal(nearest_reference(query, bank, "l2"), bank[1:2])
+    assert torch.equal(nearest_reference(query, bank, "cosine"), bank[0:1])
+    torch.manual_seed(0)
+    queries, rows = torch.randn(50, 8), torch.randn(30, 8)
+    brute = rows[torch.nn.functional.cosine_similarity(queries[:, None], rows[None], dim=-1).argmax(1)]
+    assert torch.equal(nearest_reference(queries, rows, "cosine"), brute)
+
+
+def _separation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Scale-free class separation of patch rows: distance of the means over the pooled spread."""
+    return float((a.mean(0) - b.mean(0)).norm() / ((a.var(0) + b.var(0)) / 2).sum().sqrt())
+
+
+@pytest.mark.parametrize(("matching", "residual"), [("l2", "diff"), ("cosine", "sq_diff")])
+def test_normal_residuals_of_different_classes_are_closer_than_raw_features(
+    extractor, synthetic_root, matching: str, residual: str
+) -> None:
+    """ResAD's premise for both presets: the class shift is far smaller in residual space than in feature space."""
+    rows = {}
+    for category in ("stripes", "dots", "checker"):
+        refs = extractor(_images(synthetic_root, category, "train", count=4))
+        queries = extractor(_images(synthetic_root, category, "test", count=4))
+        residuals = residual_features(queries, [flatten_patches(r) for r in refs], matching, residual)
+        rows[category] = [(flatten_patches(q), flatten_patches(r)) for q, r in zip(queries, residuals, strict=True)]
+    for level in range(2):
+        for a, b in (("stripes", "dots"), ("dots", "checker"), ("stripes", "checker")):
+            raw = _separation(rows[a][level][0], rows[b][level][0])
+            res = _separation(rows[a][level][1], rows[b][level][1])
+            assert raw > 1.0, (level, a, b, raw)  # the generated classes really differ
+            assert res < 0.6 * raw, (level, a, b, raw, res)
+
+
+@pytest.mark.parametrize(("matching", "residual"), [("l2", "diff"), ("cosine", "sq_diff")])
+def test_per_sample_references_match_one_bank_per_sample(matching: str, residual: str) -> None:
+    """Training queries of a batch, each against its own reference set, equal separate single-bank calls."""
+    torch.manual_seed(0)
+    features = [torch.randn(3, 8, 4, 4), torch.randn(3, 16, 2, 2)]
+    refs = [torch.randn(3, 2, 8, 4, 4), torch.randn(3, 2, 16, 2, 2)]  # (B, k, C, H, W)
+    banks = [torch.stack([flatten_patches(r[b]) for b in range(3)]) for r in refs]  # (B, k·H·W, C)
+    batched = batched_residual_features(features, banks, matching, residual)
+    for b in range(3):
+        single = residual_features([f[b : b + 1] for f in features], [bank[b] for bank in banks], matching, residual)
+        for level in range(2):
+            assert torch.allclose(batched[level][b : b + 1], single[level], atol=1e-5)
+
+
+def test_bank_buffers_restore_any_size() -> None:
+    small, large = ReferenceBank(2), ReferenceBank(2)
+    small.set([torch.rand(2, 4, 3, 3), torch.rand(2, 8, 2, 2)])
+    large.set([torch.rand(5, 4, 3, 3), torch.rand(5, 8, 2, 2)])
+    fresh = ReferenceBank(2)
+    fresh.load_state_dict(large.state_dict())
+    assert [t.shape for t in fresh.tensors()] == [torch.Size([45, 4]), torch.Size([20, 8])]
+    fresh.load_state_dict(small.state_dict())
+    assert [t.shape for t in fresh.tensors()] == [torch.Size([18, 4]), torch.Size([8, 8])]
+    assert int(fresh.num_refs) == 2
+
+
+def test_bank_file_is_plain_tensors_with_metadata(tmp_path) -> None:
+    bank = ReferenceBank(2)
+    bank.set([torch.rand(2, 4, 3, 3), torch.rand(2, 8, 2, 2)])
+    meta = {"backbone": "tf_efficientnet_lite0", "layers": [2, 3], "image_size": [96, 96]}
+    path = bank.save(tmp_path / "bank.pt", meta)
+    payload = torch.load(path, weights_only=True)
+    assert payload["metadata"] == meta
+    levels = ReferenceBank.load(path, {"backbone": "tf_efficientnet_lite0", "layers": (2, 3), "image_size": (96, 96)})
+    assert all(torch.equal(a, b) for a, b in zip(levels, bank.tensors(), strict=True))
+    with pytest.raises(ValueError, match="image_size"):
+        ReferenceBank.load(path, {"image_size": [256, 256]})
+
+
+class _Residuals(nn.Module):
+    def __init__(self, matching: str, residual: str) -> None:
+        super().__init__()
+        self.matching, self.residual = matching, residual
+
+    def forward(self, feature: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        return residual_features([feature], [bank], self.matching, self.residual)[0]
+
+
+@pytest.mark.parametrize(("matching", "residual"), [("l2", "diff"), ("cosine", "sq_diff")])
+def test_residuals_export_with_the_bank_as_an_input_of_dynamic_size(matching: str, residual: str) -> None:
+    """``torch.export`` accepts the matching (no cdist, no data-dependent branch); new bank sizes need no re-export."""
+    torch.manual_seed(0)
+    module = _Residuals(matching, residual)
+    rows = torch.export.Dim("rows", min=2, max=100_000)
+    exported = torch.export.export(
+        module, (torch.randn(1, 8, 4, 4), torch.randn(64, 8)), dynamic_shapes=({}, {0: rows})
+    ).module()
+    for size in (10, 300):
+        feature, bank = torch.randn(1, 8, 4, 4), torch.randn(size, 8)
+        assert torch.allclose(exported(feature, bank), module(feature, bank), atol=1e-6)

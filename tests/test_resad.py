@@ -1,0 +1,280 @@
+"""ResAD: training references, losses, bank handling, plain anomalib datamodules, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+
+from anomalib_cgad import ResAD
+from anomalib_cgad.components.reference_bank import BankMismatchError
+from anomalib_cgad.components.training_pool import ClassPool, TrainingPool
+from anomalib_cgad.data import CrossClass, make_synthetic_mvtec
+from anomalib_cgad.models.resad.loss import (
+    BoundaryEMA,
+    flow_loss_official,
+    flow_loss_paper,
+    focal,
+    occ_log_barrier,
+    occ_paper,
+)
+
+SIZE = (96, 96)
+
+
+def _engine(tmp_path, epochs: int = 1, **kwargs) -> Engine:
+    return Engine(
+        max_epochs=epochs, default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, **kwargs,
+    )  # fmt: skip
+
+
+def _resad(**kwargs) -> ResAD:
+    """A small ResAD for CPU tests: 96 px input, two coupling blocks."""
+    kwargs = {"visualizer": False, "coupling_blocks": 2, "condition_dim": 32, **kwargs}
+    model = ResAD(**kwargs)
+    model.pre_processor = ResAD.configure_pre_processor(SIZE)
+    return model
+
+
+def _self_referenced_images(model: ResAD, datamodule) -> int:
+    """Training images whose residual is zero everywhere (= their own image was among their references)."""
+    count = 0
+    for batch in datamodule.train_dataloader():
+        residuals, _ = model._training_rows(batch)
+        count += int((residuals[0].flatten(1).abs().amax(1) == 0).sum())
+    return count
+
+
+# ----------------------------------------------------------------------------------------------- references
+def test_training_references_are_distinct_and_never_an_excluded_query() -> None:
+    pool = TrainingPool(seed=0)
+    pool.classes["a"] = ClassPool(normals=[torch.arange(10.0).reshape(10, 1, 1, 1)], paths=[str(i) for i in range(10)])
+    for exclude in (torch.tensor([0, 1, 2]), [3, 4], range(5)):
+        for _ in range(20):
+            drawn = pool.draw_references("a", 4, exclude)[0].flatten().tolist()
+            assert len(set(drawn)) == 4
+            assert not set(drawn) & {float(i) for i in exclude}, (list(exclude), drawn)
+    with pytest.raises(ValueError, match="'a' has 10 normal training images"):
+        pool.draw_references("a", 8, list(range(5)))
+
+
+def test_no_training_image_is_its_own_reference(cross_class, tmp_path) -> None:
+    """The released code may use a query as its own reference (all-zero residual); we never do (resad.md §15.9)."""
+    model, datamodule = _resad(), cross_class(train_batch_size=8)
+    _engine(tmp_path, limit_train_batches=1, limit_val_batches=0).fit(model=model, datamodule=datamodule)
+    assert _self_referenced_images(model, datamodule) == 0
+
+
+def test_a_class_smaller_than_the_batch_trains_with_per_image_references(tmp_path) -> None:
+    """When a batch holds the whole class, each image gets references other than itself instead of a crash."""
+    root = make_synthetic_mvtec(
+        tmp_path / "data", categories=("stripes", "dots", "waves"), n_train=3, n_test_good=2, n_test_bad=2,
+        image_size=64, seed=1,
+    )  # fmt: skip
+    datamodule = CrossClass(
+        source_dataset="MVTecAD", source_root=str(root), source_categories=["stripes", "dots"],
+        target_categories=["waves"], k_shot=2, train_batch_size=16, eval_batch_size=8, num_workers=0,
+    )  # fmt: skip
+    model = _resad(train_k_shot=4, synthetic_per_class=2)
+    _engine(tmp_path / "run", limit_val_batches=0).fit(model=model, datamodule=datamodule)
+    assert model.trainer.global_step > 0
+    assert _self_referenced_images(model, datamodule) == 0
+    batch = next(iter(datamodule.train_dataloader()))
+    residuals, coverage = model._training_rows(batch)
+    assert residuals[0].shape[0] == coverage[0].shape[0] == 6 + model.anomalies_per_batch
+
+
+def test_real_anomalies_are_used_when_the_class_has_them() -> None:
+    """Synthetic (Perlin) anomalies only stand in for classes without labelled anomalies."""
+    from types import SimpleNamespace
+
+    model = _resad(backbone_weights=None, anomalies_per_batch=6)
+    sizes = [(c, 32 // s) for c, s in zip(model.model.backbone.channels, model.model.backbone.strides, strict=True)]
+    pool = TrainingPool(seed=0)
+    for name, real in (("with_real", 2), ("synthetic_only", 0)):
+        normals = [torch.randn(6, c, side, side) for c, side in sizes]
+        anomalies = [torch.randn(5, c, side, side) for c, side in sizes]
+        masks = [
+            torch.cat([torch.ones(real, side, side), torch.full((5 - real, side, side), 0.75)]) for _, side in sizes
+        ]
+        pool.classes[name] = ClassPool(
+            normals, [f"{name}/{i}" for i in range(6)], anomalies, masks, real_anomalies=real
+        )
+        pool.index.update({f"{name}/{i}": (name, i) for i in range(6)})
+    model.training_pool = pool
+    for name, value in (("with_real", 1.0), ("synthetic_only", 0.75)):
+        _, coverage = model._training_rows(SimpleNamespace(image_path=[f"{name}/0", f"{name}/1"]))
+        anomalous = coverage[0][2:]
+        assert len(anomalous) == 6
+        assert torch.all(anomalous == value), name
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def test_paper_occ_pulls_normals_to_the_origin_and_keeps_anomalies_unchanged() -> None:
+    torch.manual_seed(0)
+    residual = torch.randn(6, 4).abs()
+    coverage = torch.tensor([0, 0, 0, 1, 1, 1.0])
+    ideal = torch.cat([torch.zeros(3, 4), residual[3:]])
+    assert occ_paper(ideal, residual, coverage) == 0
+    moved = ideal.clone().requires_grad_(True)
+    loss = occ_paper(moved + torch.cat([torch.ones(3, 4), torch.zeros(3, 4)]), residual, coverage)
+    loss.backward()
+    expected = 3 * (math.sqrt(2 + 1) - 1) / 6  # ‖(1,1,1,1)‖₂ = 2 for three of the six rows
+    assert math.isclose(float(loss), expected, rel_tol=1e-6)
+    assert (moved.grad[:3] > 0).all()  # gradient descent moves normals back toward 0
+
+
+def test_log_barrier_occ_is_zero_on_the_shell_and_positive_off_it() -> None:
+    normal = torch.zeros(4, 9)
+    norm = (1.3975**2) - 1  # A(x') = √(‖x'‖+1) − 1 = 0.3975 lies in [0.99·0.4, 0.4]
+    normal[:, 0] = norm
+    coverage = torch.zeros(4)
+    assert occ_log_barrier(normal, normal, coverage) == 0
+    assert occ_log_barrier(normal * 3, normal, coverage) > 0
+    assert occ_log_barrier(normal / 3, normal, coverage) > 0
+    far = torch.zeros(2, 9)
+    far[:, 1] = 10.0  # anomalies left unchanged (x' = r) and far outside the shell
+    rows, covs = torch.cat([normal, far]), torch.cat([coverage, torch.ones(2)])
+    assert occ_log_barrier(rows, rows, covs) < 1e-6
+
+
+def test_flow_losses_and_boundary() -> None:
+    logp = torch.tensor([-1.0, -0.5, 0.0, 0.5, -3.0])
+    coverage = torch.tensor([0, 0, 0, 0, 1.0])
+    zmean = torch.tensor([0.0, 0.0, 0.0, 0.0, 4.0])
+    normal_only = flow_loss_official(logp[:4], zmean[:4], coverage[:4], boundary=-2.0)
+    assert torch.isclose(normal_only, torch.nn.functional.softplus(-logp[:4]).mean())
+    assert flow_loss_official(logp, zmean, coverage, boundary=-2.0) > normal_only
+    # paper: plain NLL of normals; BG-SPP is zero when normals are above b_n and anomalies below b_n − τ
+    assert torch.isclose(flow_loss_paper(logp, coverage, boundary=-2.0), -logp[:4].mean())
+    assert flow_loss_paper(logp, coverage, boundary=0.0) > -logp[:4].mean()
+    assert focal(torch.tensor([1.0, 0.0]), torch.tensor([True, False])) < 1e-8
+    ema = BoundaryEMA(beta=0.05)
+    assert ema.update(torch.arange(101.0)) == 5.0
+    assert math.isclose(ema.update(torch.arange(101.0) + 10), 0.9 * 5 + 0.1 * 15)
+
+
+# ----------------------------------------------------------------------------------------------- model
+def test_presets_and_overrides() -> None:
+    official, paper = _resad(backbone_weights=None), _resad(preset="paper", backbone_weights=None)
+    assert (official.model.bank.matching, official.model.bank.residual, official.model.score) == (
+        "cosine", "sq_diff", "merged",
+    )  # fmt: skip
+    assert (paper.model.bank.matching, paper.model.bank.residual, paper.model.score) == ("l2", "diff", "likelihood")
+    assert _resad(preset="paper", matching="cosine", backbone_weights=None).model.bank.matching == "cosine"
+    with pytest.raises(ValueError, match="preset"):
+        ResAD(preset="neurips")
+
+
+def test_forward_scores_against_the_bank_it_is_given(synthetic_root) -> None:
+    from anomalib_cgad.models.base import load_images
+
+    model = _resad().eval()
+
+    def images(category: str, split: str = "train", kind: str = "good", count: int = 2) -> torch.Tensor:
+        paths = sorted((synthetic_root / category / split / kind).glob("*.png"))[:count]
+        return model.pre_processor.transform(load_images(paths, SIZE))
+
+    model.model.set_reference(images("waves"))
+    query = images("waves", "test")
+    with torch.no_grad():
+        stored = model.model(query)
+        given = model.model.forward_with_bank(query, model.model.compute_bank(images("waves")))
+        other = model.model.forward_with_bank(query, model.model.compute_bank(images("dots")))
+    assert stored.pred_score.shape == (2,)
+    assert stored.anomaly_map.shape == (2, 1, *SIZE)
+    assert torch.isfinite(stored.anomaly_map).all()
+    assert torch.allclose(stored.anomaly_map, given.anomaly_map)
+    assert not torch.allclose(stored.anomaly_map, other.anomaly_map)
+    assert torch.allclose(stored.pred_score, stored.anomaly_map.amax((-2, -1)).flatten())
+
+
+def test_bank_file_round_trip_through_the_model(synthetic_root, tmp_path) -> None:
+    from anomalib_cgad.models.base import load_images
+
+    model = _resad()
+    paths = sorted((synthetic_root / "waves" / "train" / "good").glob("*.png"))[:2]
+    model.set_references(load_images(paths, SIZE))
+    path = model.save_bank(tmp_path / "waves.pt")
+    other = _resad()
+    other.load_bank(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.model.bank_tensors(), other.model.bank_tensors(), strict=True))
+    with pytest.raises(BankMismatchError, match="layers"):
+        _resad(layers=(1, 2)).load_bank(path)
+    bigger = ResAD(visualizer=False, coupling_blocks=2, condition_dim=32)  # default 256 px input
+    with pytest.raises(BankMismatchError, match="image_size"):
+        bigger.load_bank(path)
+
+
+@pytest.mark.slow
+def test_plain_anomalib_datamodule_train_and_test(synthetic_root, tmp_path) -> None:
+    """Plain anomalib usage: one MVTecAD-format class; training and test references come from its train split."""
+    datamodule = MVTecAD(root=synthetic_root, category="waves", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = _resad()
+    engine = _engine(tmp_path, epochs=3)
+    engine.fit(model=model, datamodule=datamodule)
+    results = engine.test(model=model, datamodule=datamodule)[0]
+    assert set(model.training_pool.classes) == {"waves"}
+    assert results["image_AUROC"] >= 0.9, results
+    assert results["pixel_AUROC"] >= 0.9, results
+    assert torch.isfinite(model.model.logp_max).all()
+
+
+@pytest.mark.slow
+def test_checkpoint_tested_on_another_class_uses_that_class_references(cross_class, synthetic_root, tmp_path) -> None:
+    """anomalib.md §3.4: a checkpoint restored after ``setup()`` must not keep the training run's bank."""
+    from anomalib_cgad.models.base import load_images
+
+    model = _resad()
+    engine = _engine(tmp_path, epochs=2)
+    engine.fit(model=model, datamodule=cross_class())
+    ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    saved_bank = [t.clone() for t in model.model.bank_tensors()]
+
+    target = MVTecAD(root=synthetic_root, category="waves", eval_batch_size=8, num_workers=0)
+    fresh = _resad()
+    results = _engine(tmp_path / "test").test(model=fresh, datamodule=target, ckpt_path=ckpt)[0]
+    paths = sorted((synthetic_root / "waves" / "train" / "good").glob("*.png"))[: fresh.k_shot]
+    with torch.no_grad():
+        expected = fresh.model.compute_bank(fresh.pre_processor.transform(load_images(paths, SIZE)))
+    banks = zip(fresh.model.bank_tensors(), expected, strict=True)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in banks)  # features reach ~50: float32 noise
+    assert not all(
+        a.shape == b.shape and torch.allclose(a, b) for a, b in zip(saved_bank, fresh.model.bank_tensors(), strict=True)
+    )
+    assert torch.equal(fresh.model.logp_max, model.model.logp_max)
+    assert results["image_AUROC"] >= 0.9, results
+
+    reloaded = ResAD.load_from_checkpoint(ckpt, visualizer=False)
+    reloaded.pre_processor = ResAD.configure_pre_processor(SIZE)
+    refs = load_images(paths, SIZE)
+    query = reloaded.pre_processor.transform(
+        load_images(sorted((synthetic_root / "waves" / "test" / "good").glob("*.png")), SIZE)
+    )
+    scores = []
+    for candidate in (fresh, reloaded):
+        candidate.eval()
+        candidate.set_references(refs)
+        with torch.no_grad():
+            scores.append(candidate.model(query).pred_score)
+    assert torch.allclose(scores[0], scores[1], atol=1e-6)
+
+
+def test_few_shot_source_folder_sets_the_bank(synthetic_root, tmp_path) -> None:
+    """``few_shot_source`` beats the datamodule: the bank is built from the first k images of that folder."""
+    from anomalib_cgad.models.base import load_images
+
+    folder = synthetic_root / "waves" / "train" / "good"
+    datamodule = MVTecAD(root=synthetic_root, category="dots", eval_batch_size=8, num_workers=0)
+    model = _resad(few_shot_source=str(folder), k_shot=2)
+    _engine(tmp_path).predict(model=model, datamodule=datamodule)
+    with torch.no_grad():
+        expected = model.model.compute_bank(
+            model.pre_processor.transform(load_images(sorted(folder.glob("*.png"))[:2], SIZE))
+        )
+    banks = zip(model.model.bank_tensors(), expected, strict=True)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in banks)
