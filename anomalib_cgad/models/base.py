@@ -24,11 +24,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from anomalib import LearningType
 from anomalib.metrics import Evaluator
+from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -107,11 +110,34 @@ def load_images(paths: Sequence[str | Path], size: tuple[int, int]) -> torch.Ten
 
 
 class ReferenceMixin:
-    """Reference handling shared by the anomalib-cgad models (see module docstring).
+    """Reference handling and the anomalib contract shared by the anomalib-cgad models (see module docstring).
+
+    The contract members live here once: ``learning_type`` is ``ONE_CLASS`` (so ``Engine.train`` fits the
+    models on the source classes), ``trainer_arguments`` leaves ``max_epochs`` to the user, the
+    post-processor is anomalib's ``PostProcessor`` and the pre-processor resizes without antialiasing.
 
     The host class must set ``self.k_shot``, ``self.few_shot_source`` and ``self.model`` (a torch model
     with ``set_reference(images)`` and ``backbone``), and call :meth:`_init_references` in ``__init__``.
     """
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize with ``antialias=False`` (Lightning == exported graph) and ImageNet normalisation."""
+        return configure_cgad_pre_processor(image_size)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No ``max_epochs``: users choose the training length. Sanity validation is skipped."""
+        return {"num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``ONE_CLASS``, so that ``Engine.train`` (meta-)trains the model on the source classes."""
+        return LearningType.ONE_CLASS
+
+    def configure_post_processor(self) -> PostProcessor:
+        """anomalib's post-processor: F1-adaptive threshold learned on the source classes' validation."""
+        return PostProcessor()
 
     def _init_references(self) -> None:
         self._bank_key: tuple[str, int] | None = None

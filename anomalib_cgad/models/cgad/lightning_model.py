@@ -29,13 +29,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -43,7 +39,7 @@ from torch import nn
 from anomalib_cgad.components.confidence_margin import confidence_margin_loss, pcgrad_backward
 from anomalib_cgad.components.episodes import EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
-from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
+from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.cgad.torch_model import CGADModel
 from anomalib_cgad.models.resad.loss import occ_paper
 
@@ -151,11 +147,6 @@ class CGAD(ReferenceMixin, AnomalibModule):
         self.outer_steps = 0
         self._init_references()
 
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize with ``antialias=False`` (Lightning == exported graph) and ImageNet normalisation."""
-        return configure_cgad_pre_processor(image_size)
-
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner (constraintor + flow), outer (flow) and calibration (``b``, ``T``) optimisers."""
         inner = torch.optim.Adam(
@@ -257,18 +248,3 @@ class CGAD(ReferenceMixin, AnomalibModule):
             self.log(key, value, prog_bar=True)
         self.log("temperature", self.model.temperature().detach())
         return {"loss": nll + logs.get("outer_loss", 0.0)}
-
-    # ----------------------------------------------------------------- anomalib contract
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No ``max_epochs``: users choose how many episodes (epochs × batches) to run."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """``ONE_CLASS``, so that ``Engine.train`` (meta-)trains the model on the source classes."""
-        return LearningType.ONE_CLASS
-
-    def configure_post_processor(self) -> PostProcessor:
-        """anomalib's post-processor; its threshold, learned on source classes, applies to normalised scores."""
-        return PostProcessor()

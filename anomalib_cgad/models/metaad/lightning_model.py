@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from anomalib import LearningType
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -35,7 +31,7 @@ from torch import nn
 from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, pcgrad_backward
 from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
-from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
+from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
 
 logger = logging.getLogger(__name__)
@@ -162,11 +158,6 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         self.hardness: dict[str, float] = {}
         self.outer_steps = 0
         self._init_references()
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize with ``antialias=False`` (Lightning == exported graph) and ImageNet normalisation."""
-        return configure_cgad_pre_processor(image_size)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner AdamW (encoder, decoder, head), outer Adam (head, last encoder layer) and a T-only Adam."""
@@ -295,18 +286,3 @@ class MetaAD(ReferenceMixin, AnomalibModule):
         for key, value in logs.items():
             self.log(key, value, prog_bar=True)
         return {"loss": inner + logs.get("outer_loss", 0.0)}
-
-    # ----------------------------------------------------------------- anomalib contract
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No ``max_epochs``: users choose how many episodes (epochs × batches) to run."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """``ONE_CLASS``, so that ``Engine.train`` (meta-)trains the model on the source classes."""
-        return LearningType.ONE_CLASS
-
-    def configure_post_processor(self) -> PostProcessor:
-        """anomalib's post-processor (F1-adaptive threshold from the source classes' validation)."""
-        return PostProcessor()

@@ -28,17 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_cgad.components.flow import chunks
 from anomalib_cgad.components.reference_bank import ReferenceBank, batched_residual_features, flatten_patches
-from anomalib_cgad.models.base import ReferenceMixin, configure_cgad_pre_processor, default_evaluator
+from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.resad.loss import (
     BoundaryEMA,
     flow_loss_official,
@@ -166,11 +163,6 @@ class ResAD(ReferenceMixin, AnomalibModule):
         self._boundaries = [BoundaryEMA() for _ in self.model.backbone.channels]
         self._epoch_logp_max: torch.Tensor | None = None
         self._init_references()
-
-    @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize with ``antialias=False`` (Lightning == exported graph) and ImageNet normalisation."""
-        return configure_cgad_pre_processor(image_size)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One Adam for the constraintor, one for the flows (the flow sees detached features; resad.md §7)."""
@@ -307,21 +299,6 @@ class ResAD(ReferenceMixin, AnomalibModule):
         self.log("train_occ", occ.detach(), prog_bar=True)
         self.log("train_flow", flow_total, prog_bar=True)
         return {"loss": occ.detach() + flow_total}
-
-    # ----------------------------------------------------------------- anomalib contract
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No ``max_epochs`` here: users choose the training length. Sanity validation is skipped."""
-        return {"num_sanity_val_steps": 0}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """``ONE_CLASS``: trained on normal images of the source classes (so ``Engine.train`` fits it)."""
-        return LearningType.ONE_CLASS
-
-    def configure_post_processor(self) -> PostProcessor:
-        """anomalib's post-processor: F1-adaptive threshold learned on the source classes' validation."""
-        return PostProcessor()
 
     def bank_metadata(self) -> dict:
         """What a saved bank must match: the torch model's metadata plus the input size of the pre-processor."""
