@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base import AnomalibDataset
 from anomalib.data.utils import TestSplitMode, ValSplitMode
 from anomalib.data.utils.split import concatenate_datasets
-from torch.utils.data import DataLoader
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,13 @@ DOWNLOADABLE = {
     "MPDD": "https://github.com/stepanje/MPDD",
     "BTech": "https://avires.dimi.uniud.it/papers/btad/btad.zip",
 }
+
+
+WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+# Lightning warns that it cannot force drop_last=False into a custom batch sampler when predicting;
+# ClassBatches never drops anything (every index is in exactly one batch).
+warnings.filterwarnings("ignore", message=r"You are using a custom batch sampler `ClassBatches` for prediction")
 
 
 def dataset_class(name: str) -> type[AnomalibDataset]:
@@ -88,6 +97,60 @@ def _official(dataset: str, categories: list[str]) -> bool:
     from anomalib.data.datasets.image import mvtecad, visa
 
     return set(categories) <= set({"MVTecAD": mvtecad.CATEGORIES, "Visa": visa.CATEGORIES}[dataset])
+
+
+def _readable(data: AnomalibDataset, name: str) -> AnomalibDataset:
+    """Drop unreadable image files (with a warning naming them); refuse 16-bit images with a clear error.
+
+    Only the file headers are read. A corrupt file in a dataset is *skipped* so that one bad frame from the
+    line does not stop training or testing; the warning names every skipped file. 16-bit images raise
+    ``ValueError``: anomalib's image reader converts them to 8-bit RGB by clipping, which turns them white
+    (a silently wrong score). Reference images given as ``few_shot_source`` may be 16-bit (see
+    :func:`anomalib_cgad.models.base.load_images`).
+    """
+    corrupt: dict[int, str] = {}
+    wide = []
+    for row, path in enumerate(data.samples.image_path):
+        try:
+            with Image.open(path) as image:
+                if image.mode in WIDE_MODES:
+                    wide.append(str(path))
+        except (UnidentifiedImageError, OSError) as exc:
+            corrupt[row] = f"{path} ({type(exc).__name__})"
+    if wide:
+        msg = (
+            f"{name} holds {len(wide)} 16-bit image(s), e.g. {wide[:3]}: anomalib's dataset reader would clip them "
+            "to white. Convert them to 8-bit (e.g. PIL: Image.fromarray((array >> 8).astype('uint8'))) first."
+        )
+        raise ValueError(msg)
+    if not corrupt:
+        return data
+    if len(corrupt) == len(data):
+        msg = f"{name}: none of its {len(data)} image files can be read, e.g. {list(corrupt.values())[:3]}."
+        raise ValueError(msg)
+    skipped = list(corrupt.values())
+    warnings.warn(f"{name}: skipping {len(skipped)} unreadable image file(s): {skipped}", UserWarning, stacklevel=3)
+    return data.subsample([row for row in range(len(data)) if row not in corrupt])
+
+
+class ClassBatches(Sampler[list[int]]):
+    """Fixed batches of dataset indices, each of one class (a sampler object: Lightning's predict loop wraps it).
+
+    Args:
+        batches (list[list[int]]): the batches, in order.
+    """
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def __iter__(self):
+        """Yield the batches in order."""
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return len(self.batches)
 
 
 class CrossClass(AnomalibDataModule):
@@ -222,11 +285,15 @@ class CrossClass(AnomalibDataModule):
     def _load(self, dataset: str, root: str | None, category: str, split: str) -> AnomalibDataset:
         cls = dataset_class(dataset)
         kwargs = {"subtle": self.subtle} if dataset == "ELPV" else {}
-        data = cls(root=root, category=category, split=split, **kwargs)
+        try:
+            data = cls(root=root, category=category, split=split, **kwargs)
+        except RuntimeError as exc:  # anomalib's "Found 0 images in <folder>"
+            msg = f"{dataset} class '{category}' has no {split} images under '{root}' ({exc})."
+            raise ValueError(msg) from exc
         if len(data) == 0:
             msg = f"{dataset} class '{category}' has no {split} images under '{root}'."
             raise ValueError(msg)
-        return data
+        return _readable(data, f"{dataset} class '{category}' ({split})")
 
     # ----------------------------------------------------------------- splits
     def _draw_references(self, data: AnomalibDataset, category: str, stage: str) -> list[int]:
@@ -311,7 +378,8 @@ class CrossClass(AnomalibDataModule):
         for index in range(len(self.val_categories if stage == "validate" else self.test_categories)):
             rows = [i for i, c in enumerate(classes) if c == index]
             batches.extend(rows[i : i + self.eval_batch_size] for i in range(0, len(rows), self.eval_batch_size))
-        return DataLoader(data, batch_sampler=batches, num_workers=self.num_workers, collate_fn=data.collate_fn)
+        sampler = ClassBatches(batches)
+        return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=data.collate_fn)
 
     def val_dataloader(self) -> DataLoader:
         """Source-class test images; every batch holds one class (anomalib's callbacks take one dataloader)."""

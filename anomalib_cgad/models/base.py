@@ -63,8 +63,26 @@ def default_evaluator() -> Evaluator:
     return PerClassEvaluator.default()
 
 
+CHECKPOINT_KEY = "anomalib_cgad"
+CHECKPOINT_FORMAT = 1
+
+
 class ReferenceError(ValueError):
     """The k-shot references of a class cannot be obtained."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds another model, another checkpoint format, or weights of another configuration."""
+
+
+class NonFiniteError(ValueError):
+    """Images or features hold NaN or inf values, which would give NaN scores."""
+
+
+def _plugin_version() -> str:
+    from anomalib_cgad import __version__
+
+    return __version__
 
 
 def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -107,6 +125,15 @@ def load_images(paths: Sequence[str | Path], size: tuple[int, int]) -> torch.Ten
         resized = F.interpolate(image_tensor[None].float(), size=size, mode="bilinear", align_corners=False)
         images.append(resized[0])
     return torch.stack(images)
+
+
+def _check_finite(values: torch.Tensor, paths: Sequence[str] | None, problem: str) -> None:
+    """Raise :class:`NonFiniteError` naming the images (paths or batch indices) whose ``values`` are not finite."""
+    bad = (~torch.isfinite(values)).reshape(len(values), -1).any(1).nonzero().flatten().tolist()
+    if bad:
+        names = [str(paths[i]) for i in bad] if paths else [f"batch index {i}" for i in bad]
+        msg = f"{len(bad)} image(s) {problem}: {names[:5]}."
+        raise NonFiniteError(msg)
 
 
 class ReferenceMixin:
@@ -205,10 +232,19 @@ class ReferenceMixin:
         return torch.stack([train_data[i].image for i in normal[: self.k_shot]])
 
     def set_references(self, images: torch.Tensor) -> None:
-        """Normalise un-normalised reference images ``(k, 3, H, W)`` and store them as the bank."""
+        """Normalise un-normalised reference images ``(k, 3, H, W)`` and store them as the bank.
+
+        Raises:
+            ReferenceError: wrong shape.
+            NonFiniteError: NaN or inf pixel values.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"Reference images must have shape (k, 3, H, W); got {tuple(images.shape)}."
             raise ReferenceError(msg)
+        bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:
+            msg = f"Reference images {bad} (of {len(images)}) contain NaN or inf pixel values."
+            raise NonFiniteError(msg)
         with torch.no_grad():
             self.model.set_reference(self.pre_processor.transform(images.to(self.device)))
 
@@ -244,7 +280,127 @@ class ReferenceMixin:
         if datamodule is not None and hasattr(datamodule, "class_index") and batch.image_path:
             dataloader_idx = datamodule.class_index(stage, batch.image_path[0])
         self._ensure_bank(stage, dataloader_idx)
-        return batch.update(**self.model(batch.image)._asdict())
+        _check_finite(batch.image, batch.image_path, "contain NaN or inf pixel values")
+        output = self.model(batch.image)
+        _check_finite(
+            output.pred_score,
+            batch.image_path,
+            "got NaN or inf scores (their features or the model's weights hold NaN/inf values)",
+        )
+        return batch.update(**output._asdict())
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add anomalib's component configs, then a tag: plugin version, checkpoint format, model class, bank."""
+        super().on_save_checkpoint(checkpoint)
+        metadata = self.model.bank_metadata() if hasattr(self.model, "bank_metadata") else {}
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": _plugin_version(),
+            "format": CHECKPOINT_FORMAT,
+            "model": type(self).__name__,
+            "bank": {**metadata, "image_size": list(self.reference_image_size()), "k": int(self.model.bank.num_refs)},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with a message naming the problem, a checkpoint this model cannot use.
+
+        Called by Lightning for ``load_from_checkpoint`` and for ``anomalib test/predict --ckpt_path``.
+
+        Raises:
+            CheckpointMismatchError: a checkpoint of another model class or of another checkpoint format, or
+                (untagged or tagged) weights whose names or shapes do not match this model's configuration.
+        """
+        tag = self._check_checkpoint_tag(checkpoint)
+        self._check_state_dict(checkpoint.get("state_dict", {}), tagged=tag is not None)
+        super().on_load_checkpoint(checkpoint)
+
+    @classmethod
+    def _check_checkpoint_tag(cls, checkpoint: dict[str, Any]) -> dict | None:
+        """The checkpoint's anomalib-cgad tag (``None`` when untagged); raises if it names another model/format."""
+        tag = checkpoint.get(CHECKPOINT_KEY)
+        if not isinstance(tag, dict):
+            return None
+        name = cls.__name__
+        if tag.get("model") != name:
+            msg = (
+                f"The checkpoint holds a {tag.get('model')} model, not {name}: load it with "
+                f"{tag.get('model')}.load_from_checkpoint or '--model {tag.get('model')}'."
+            )
+            raise CheckpointMismatchError(msg)
+        if tag.get("format") != CHECKPOINT_FORMAT:
+            msg = (
+                f"The checkpoint was written by anomalib-cgad {tag.get('version')} in checkpoint format "
+                f"{tag.get('format')}; anomalib-cgad {_plugin_version()} reads format {CHECKPOINT_FORMAT}. "
+                f"Use anomalib-cgad=={tag.get('version')} or retrain."
+            )
+            raise CheckpointMismatchError(msg)
+        return tag
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``, with a clear error for checkpoints of other models.
+
+        The tag is checked before the model is built from the checkpoint's hyper-parameters (another model's
+        hyper-parameters may not even build this one). An untagged checkpoint (another anomalib model, or one
+        saved before the tag existed) is loaded when its weights match; otherwise the error names it.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CheckpointMismatchError: not a readable checkpoint, or see :meth:`on_load_checkpoint`.
+        """
+        if not isinstance(checkpoint_path, str | Path) or "://" in str(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # file objects, remote URLs
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            msg = f"Checkpoint '{path}' does not exist."
+            raise FileNotFoundError(msg)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            msg = f"'{path}' cannot be read as a checkpoint with weights_only=True: {type(exc).__name__}: {exc}"
+            raise CheckpointMismatchError(msg) from exc
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            msg = f"'{path}' is not a Lightning checkpoint (no 'state_dict')."
+            raise CheckpointMismatchError(msg)
+        tagged = cls._check_checkpoint_tag(checkpoint) is not None
+        try:
+            return super().load_from_checkpoint(path, *args, **kwargs)
+        except CheckpointMismatchError:
+            raise
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+            if tagged:
+                raise
+            msg = (
+                f"'{path}' is not an anomalib-cgad {cls.__name__} checkpoint (it has no '{CHECKPOINT_KEY}' tag) "
+                f"and building {cls.__name__} from it failed: {type(exc).__name__}: {exc}"
+            )
+            raise CheckpointMismatchError(msg) from exc
+
+    def _check_state_dict(self, state: dict[str, torch.Tensor], tagged: bool) -> None:
+        """Compare weight names and shapes (reference-bank buffers resize, so their shapes are not compared)."""
+        own = self.state_dict()
+        missing = [key for key in own if key not in state]
+        unexpected = [key for key in state if key not in own]
+        shapes = [
+            f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+            for key, value in own.items()
+            if key in state and ".bank." not in key and tuple(state[key].shape) != tuple(value.shape)
+        ]
+        if not (missing or unexpected or shapes):
+            return
+        what = (
+            f"a {type(self).__name__} checkpoint of another configuration (compare its hyper_parameters)"
+            if tagged
+            else f"not an anomalib-cgad {type(self).__name__} checkpoint (it has no '{CHECKPOINT_KEY}' tag)"
+        )
+        details = [
+            f"{len(items)} {label}, e.g. {items[:3]}"
+            for label, items in (("missing weights", missing), ("unexpected weights", unexpected),
+                                 ("shape mismatches", shapes))
+            if items
+        ]  # fmt: skip
+        msg = f"The checkpoint is {what}: " + "; ".join(details) + "."
+        raise CheckpointMismatchError(msg)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """Score a validation batch against the references of its class."""
