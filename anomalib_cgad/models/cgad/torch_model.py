@@ -5,19 +5,22 @@ CGAD keeps ResAD's pipeline (residuals against the k references → feature cons
 the multi-directional framework:
 
 1. normality logit per patch and level: ``z_l = logp̄_l − b_l`` (learned boundary ``b_l``);
-2. patch score ``1 − σ(z_l / T)`` (learned temperature ``T``) → up-sample, sum, smooth → raw map;
-3. **threshold transfer**: the raw map is divided by ``scale``, the mean image score of the k references
-   scored leave-one-out (each reference against the patches of the *other* references; with k = 1, against
-   its own other positions). ``scale`` is part of the bank, computed from the same k images, so a
-   threshold learned on the training classes means "this many times the score of a normal image of the
-   class", on any class.
+2. patch score ``−z_l / T`` (learned temperature ``T``): the logit of ``1 − σ(z_l / T)``, the probability
+   the outer level calibrates. The logit ranks patches exactly as the probability does but never saturates:
+   on an unseen class whose residuals are all larger than the training classes', ``1 − σ`` rounds to 1.0
+   for every patch in float32 and the image scores tie; → up-sample, sum, smooth → raw map;
+3. **threshold transfer**: the raw map is standardised, ``(map − μ) / σ``, with the mean and standard
+   deviation of the references' own leave-one-out maps (each reference against the patches of the *other*
+   references; with k = 1, against its own other positions). ``(μ, σ)`` is part of the bank, computed from
+   the same k images, so a threshold learned on the training classes means "this many standard deviations
+   above a normal patch of the class", on any class.
 
 Example:
     >>> import torch
     >>> model = CGADModel(backbone_weights=None).eval()
     >>> model.set_reference(torch.rand(2, 3, 128, 128))
     >>> [tuple(t.shape) for t in model.bank_tensors()][-1]
-    (1,)
+    (2,)
 """
 
 from __future__ import annotations
@@ -68,19 +71,19 @@ class CGADModel(ResADModel):
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
         layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
-        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
-        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
+        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"``.
+        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
         coupling_blocks (int): flow blocks per level. Defaults to ``8``.
         condition_dim (int): positional-code length. Defaults to ``128``.
         temperature_bounds (tuple[float, float]): bounds of the learned temperature. Defaults to ``(0.5, 10)``.
         learn_temperature (bool): learn T (else fixed at 1). Defaults to ``True``.
-        normalise_by_references (bool): divide scores by the references' leave-one-out score (threshold
+        normalise_by_references (bool): standardise scores by the references' leave-one-out map (threshold
             transfer). Defaults to ``True``.
 
     Attributes:
         boundary (nn.Parameter): per-level ``b_l``.
         temperature (BoundedTemperature): ``T``.
-        scale (torch.Tensor): reference normaliser of the current class (part of the bank).
+        scale (torch.Tensor): ``(μ, σ)`` reference normaliser of the current class (part of the bank).
     """
 
     def __init__(
@@ -88,8 +91,8 @@ class CGADModel(ResADModel):
         backbone: str = OFFLINE_BACKBONE,
         layers: Sequence[int] = (2, 3),
         backbone_weights: str | None = PRETRAINED,
-        matching: str = "l2",
-        residual: str = "diff",
+        matching: str = "cosine",
+        residual: str = "sq_diff",
         coupling_blocks: int = 8,
         condition_dim: int = 128,
         temperature_bounds: tuple[float, float] = (0.5, 10.0),
@@ -109,31 +112,31 @@ class CGADModel(ResADModel):
         self.boundary = nn.Parameter(torch.zeros(len(self.backbone.channels)))
         self.temperature = BoundedTemperature(1.0, temperature_bounds, learn=learn_temperature)
         self.normalise_by_references = normalise_by_references
-        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("scale", torch.tensor([0.0, 1.0]))
 
     def normality_logits(self, logps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``z_l = logp̄_l − b_l`` per level."""
         return [logp - self.boundary[level] for level, logp in enumerate(logps)]
 
     def patch_scores(self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``1 − σ(z_l / T)`` per level, ``(B, 1, H_l, W_l)``."""
+        """``−z_l / T`` per level, ``(B, 1, H_l, W_l)``: the logit of ``1 − σ(z_l / T)``, which never saturates."""
         del zmeans
         temperature = self.temperature()
-        return [(1 - torch.sigmoid(z / temperature)).unsqueeze(1) for z in self.normality_logits(logps)]
+        return [(-z / temperature).unsqueeze(1) for z in self.normality_logits(logps)]
 
     def _raw_map(self, images: torch.Tensor, logps: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.anomaly_map_generator(self.patch_scores(logps, logps), images.shape[-2:])
 
     @torch.no_grad()
     def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Bank levels of the references plus their leave-one-out score ``scale`` (shape ``(1,)``)."""
+        """Bank levels of the references plus ``scale = (μ, σ)`` of their leave-one-out maps (shape ``(2,)``)."""
         features = self.backbone(images)
         levels = ReferenceBank.build(features)
         residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
         constrained = self.constraintor(residuals)
         logps = [self.flow(level, feature)[0] for level, feature in enumerate(constrained)]
-        scores = torch.amax(self._raw_map(images, logps), dim=(-2, -1)).reshape(-1)
-        scale = scores.mean().clamp(min=1e-6).reshape(1)
+        loo_map = self._raw_map(images, logps)
+        scale = torch.stack([loo_map.mean(), loo_map.std(unbiased=False).clamp(min=1e-6)])
         return [*levels, scale]
 
     def set_reference(self, images: torch.Tensor) -> None:
@@ -153,7 +156,7 @@ class CGADModel(ResADModel):
         _, _, logps, _ = self.level_outputs(features, levels)
         anomaly_map = self._raw_map(images, logps)
         if self.normalise_by_references:
-            anomaly_map = anomaly_map / scale.reshape(1, 1, 1, 1)
+            anomaly_map = (anomaly_map - scale[0]) / scale[1]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
