@@ -3,6 +3,10 @@
 Subcommands:
 
 - ``demo``: the embedded cross-class demo (train on some classes, test on an unseen one with k references).
+- ``bank``: compute the reference bank of a new class from k normal images with an OpenVINO export
+  (``anomalib export --export_type openvino``), without torch, retraining or re-export.
+- ``predict-ov``: score images with the OpenVINO export against a bank; prints score and label per image and
+  optionally writes anomaly-map overlays.
 - ``train | fit | validate | test | predict | export``: anomalib's own CLI with the plugin imported first.
   ``anomalib train --model CGAD`` already works after ``pip install`` (start-up hook); this spelling is the
   fallback for ``python -S`` and for Pythons that ignore ``.pth`` import lines.
@@ -10,12 +14,16 @@ Subcommands:
 Example:
     $ anomalib-cgad demo --model CGAD
     $ anomalib-cgad train --model CGAD --config configs/protocols/elpv_mono_to_poly.yaml
+    $ anomalib-cgad bank --images new_product/good --model exports/cgad --out banks/new_product.npz
+    $ anomalib-cgad predict-ov --model exports/cgad --bank banks/new_product.npz --images line/ --out maps/
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
+from pathlib import Path
 
 ANOMALIB_SUBCOMMANDS = {"train", "fit", "validate", "test", "predict", "export", "benchmark", "install"}
 
@@ -40,7 +48,147 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalib_cgad.demo import add_demo_arguments
 
     add_demo_arguments(sub.add_parser("demo", help="embedded cross-class demo (ELPV when installed, else generated)"))
+    _add_bank_arguments(sub.add_parser("bank", help="reference bank of a new class from k images (OpenVINO)"))
+    _add_predict_ov_arguments(sub.add_parser("predict-ov", help="score images with an OpenVINO export and a bank"))
     return parser
+
+
+def _fail(command: str, message: str) -> None:
+    raise SystemExit(f"anomalib-cgad {command}: error: {message}")
+
+
+def _add_common_ov_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="export folder of 'anomalib export --export_type openvino' (<root> or <root>/weights/openvino)",
+    )
+    parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
+    parser.add_argument(
+        "--precision",
+        choices=("f32", "bf16", "f16", "default"),
+        default="f32",
+        help="OpenVINO INFERENCE_PRECISION_HINT; 'default' = the device's own (bf16 on recent Xeons). Default: f32",
+    )
+
+
+def _inferencer(args: argparse.Namespace, command: str):
+    from anomalib_cgad.deploy.inferencer import BankInferencer
+
+    config = {} if args.precision == "default" else {"INFERENCE_PRECISION_HINT": args.precision}
+    try:
+        return BankInferencer(args.model, device=args.device, config=config)
+    except FileNotFoundError as exc:
+        _fail(command, str(exc))
+    return None  # unreachable
+
+
+def _add_bank_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, nargs="+", help="folder(s) or files of normal images of the class")
+    _add_common_ov_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="bank file to write (.npz)")
+    parser.add_argument("--k", type=int, default=None, help="images to use (default: the model's k_shot)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.set_defaults(func=_bank_command)
+
+
+def _bank_command(args: argparse.Namespace) -> None:
+    """``anomalib-cgad bank``: k images → ``.npz`` bank, with the exported encoder."""
+    from anomalib_cgad.deploy.inferencer import list_images
+
+    if args.out.suffix != ".npz":
+        _fail("bank", f"--out must be a .npz file, got '{args.out}'.")
+    if args.out.exists() and not args.overwrite:
+        _fail("bank", f"'{args.out}' already exists; pass --overwrite to replace it.")
+    if args.k is not None and args.k < 1:
+        _fail("bank", f"--k must be >= 1, got {args.k}.")
+    try:
+        paths = list_images(args.images)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail("bank", str(exc))
+    inferencer = _inferencer(args, "bank")
+    k = args.k or inferencer.k_shot
+    if len(paths) < k:
+        _fail("bank", f"{len(paths)} image(s) given but k={k} references are needed (pass --k to use fewer).")
+    try:
+        bank = inferencer.compute_bank(paths[:k])
+    except ValueError as exc:
+        _fail("bank", str(exc))
+    bank.save(args.out, overwrite=args.overwrite)
+    shapes = ", ".join(str(tuple(t.shape)) for t in bank.tensors)
+    print(f"Wrote the bank of {k} image(s) ({bank.metadata['model']}, tensors {shapes}) to {args.out}")
+
+
+def _add_predict_ov_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common_ov_arguments(parser)
+    parser.add_argument("--images", required=True, nargs="+", help="folder(s) or files to score")
+    parser.add_argument("--bank", type=Path, default=None, help="bank file (.npz); default: the bank of the export")
+    parser.add_argument("--out", type=Path, default=None, help="folder for anomaly-map overlays and predictions.csv")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default: 8)")
+    parser.set_defaults(func=_predict_ov_command)
+
+
+def _save_overlay(path: Path, image, anomaly_map) -> None:
+    import numpy as np
+    from anomalib.visualization.image.functional import overlay_image, visualize_anomaly_map
+    from PIL import Image
+
+    base = Image.fromarray((np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8))
+    heat = visualize_anomaly_map(np.clip(anomaly_map.squeeze(), 0, 1), colormap=True)
+    overlay_image(base, heat, alpha=0.5).convert("RGB").save(path)
+
+
+def _predict_ov_command(args: argparse.Namespace) -> None:
+    """``anomalib-cgad predict-ov``: score and label per image, optional overlays."""
+    from anomalib_cgad.deploy.inferencer import Bank, BankError, as_batch, list_images
+
+    if args.batch_size < 1:
+        _fail("predict-ov", f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.out is not None and args.out.exists():
+        if not args.out.is_dir():
+            _fail("predict-ov", f"--out '{args.out}' exists and is not a folder.")
+        if any(args.out.iterdir()) and not args.overwrite:
+            _fail("predict-ov", f"--out folder '{args.out}' is not empty; pass --overwrite to write into it.")
+    try:
+        paths = list_images(args.images)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail("predict-ov", str(exc))
+    inferencer = _inferencer(args, "predict-ov")
+    try:
+        bank = Bank.load(args.bank) if args.bank is not None else inferencer.default_bank
+        inferencer.check_bank(bank)
+    except (FileNotFoundError, BankError) as exc:
+        _fail("predict-ov", str(exc))
+    rows: list[dict] = []
+    used: set[str] = set()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{'score':>8}  {'label':<9}  image")
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        try:
+            images = as_batch(chunk, inferencer.image_size)
+        except ValueError as exc:
+            _fail("predict-ov", str(exc))
+        result = inferencer.predict(images, bank)
+        for i, path in enumerate(chunk):
+            score = float(result["pred_score"].reshape(-1)[i])
+            label = "anomalous" if bool(result["pred_label"].reshape(-1)[i]) else "normal"
+            rows.append({"image": str(path), "score": score, "label": label})
+            print(f"{score:8.4f}  {label:<9}  {path}")
+            if args.out is not None:
+                name = f"{path.stem}_anomaly_map.png"
+                name = name if name not in used else f"{path.stem}_{len(rows)}_anomaly_map.png"
+                used.add(name)
+                _save_overlay(args.out / name, images[i], result["anomaly_map"][i])
+    if args.out is not None:
+        with (args.out / "predictions.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["image", "score", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"Wrote {len(rows)} anomaly-map overlay(s) and predictions.csv to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,7 @@ from torch import nn
 from anomalib_cgad.components.confidence_margin import confidence_margin_loss, pcgrad_backward
 from anomalib_cgad.components.episodes import EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.cgad.torch_model import CGADModel
 from anomalib_cgad.models.resad.loss import occ_paper
@@ -46,7 +47,7 @@ from anomalib_cgad.models.resad.loss import occ_paper
 logger = logging.getLogger(__name__)
 
 
-class CGAD(ReferenceMixin, AnomalibModule):
+class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
     """CGAD lightning module (the default model of anomalib-cgad).
 
     Args:

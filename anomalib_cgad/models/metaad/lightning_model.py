@@ -31,6 +31,7 @@ from torch import nn
 from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, pcgrad_backward
 from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
 
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 INNER_MODES = ("one_class", "supervised")
 
 
-class MetaAD(ReferenceMixin, AnomalibModule):
+class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
     """MetaAD lightning module.
 
     Args:

@@ -35,6 +35,7 @@ from torch import nn
 
 from anomalib_cgad.components.flow import chunks
 from anomalib_cgad.components.reference_bank import ReferenceBank, batched_residual_features, flatten_patches
+from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.resad.loss import (
     BoundaryEMA,
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ResAD(ReferenceMixin, AnomalibModule):
+class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
     """ResAD lightning module.
 
     Args:

@@ -1,0 +1,336 @@
+"""Torch-free OpenVINO inference with a swappable reference bank (numpy, Pillow and openvino only).
+
+This file imports nothing from torch, anomalib or the rest of anomalib-cgad, so a deployment can run it
+(or a copy of it) on a machine without torch. It reads the folder written by
+:func:`anomalib_cgad.deploy.export_swappable_bank` (or by ``anomalib export --export_type openvino`` on a
+model with :class:`anomalib_cgad.deploy.BankExportMixin`):
+
+- ``bank_encoder.xml``: k reference images in [0, 1] → the bank tensors of their class;
+- ``bank_model.xml``: images in [0, 1] + bank tensors → ``pred_score``, ``pred_label``, ``anomaly_map``,
+  ``pred_mask`` (pre- and post-processing embedded, as in anomalib's own IR);
+- ``bank.npz``: the bank the model held at export time; ``bank_metadata.json``: names, sizes, fingerprint.
+
+Onboarding a new product = :meth:`BankInferencer.compute_bank` on k normal images, :meth:`Bank.save`,
+then :meth:`BankInferencer.predict` with that bank. No re-export, no retraining.
+
+The bank file (``.npz``: arrays ``bank_0 … bank_n`` + a JSON ``__metadata__`` string, read with
+``allow_pickle=False``) is the same one the torch models read and write
+(:func:`anomalib_cgad.deploy.load_model_bank` / :func:`anomalib_cgad.deploy.save_model_bank`).
+
+Notes:
+    On CPUs with AMX/AVX512-BF16, OpenVINO's CPU plugin defaults to bf16 inference, which moves scores by
+    about 3e-2. :class:`BankInferencer` compiles with ``INFERENCE_PRECISION_HINT=f32`` unless told otherwise.
+
+Example:
+    >>> from anomalib_cgad.deploy.inferencer import BankInferencer
+    >>> inferencer = BankInferencer("exports/cgad")  # doctest: +SKIP
+    >>> bank = inferencer.compute_bank(["ref1.png", "ref2.png", "ref3.png", "ref4.png"])  # doctest: +SKIP
+    >>> bank.save("banks/new_product.npz")  # doctest: +SKIP
+    >>> inferencer.predict("query.png", bank)["pred_score"]  # doctest: +SKIP
+    array([0.31], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+BANK_MODEL = "bank_model"
+BANK_ENCODER = "bank_encoder"
+BANK_FILE = "bank.npz"
+METADATA = "bank_metadata.json"
+BANK_FORMAT = "anomalib-cgad-bank/2"
+F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# Metadata keys a bank must share with the model that uses it.
+COMPATIBILITY_KEYS = ("format", "model", "fingerprint", "backbone", "layers", "channels", "image_size")
+
+
+class BankError(ValueError):
+    """A reference bank file is unreadable or does not fit the model that should use it."""
+
+
+@dataclass
+class Bank:
+    """The reference bank of one class: a list of arrays plus what they were computed with.
+
+    Args:
+        tensors (list[np.ndarray]): the bank tensors in the model's order (CGAD: levels, then ``scale``).
+        metadata (dict): model name, fingerprint of the weights, backbone, layers, image size, ``num_refs``.
+
+    Example:
+        >>> bank = Bank([np.zeros((4, 2), np.float32)], {"model": "ResAD"})
+        >>> bank.num_rows
+        [4]
+    """
+
+    tensors: list[np.ndarray]
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> list[int]:
+        """Rows of each tensor (patches of the k references per level)."""
+        return [int(t.shape[0]) if t.ndim else 1 for t in self.tensors]
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the bank as ``.npz`` (no pickle).
+
+        Args:
+            path (str | Path): target file (``.npz`` is appended by numpy when missing, so it is required).
+            overwrite (bool): replace an existing file. Defaults to ``False``.
+
+        Returns:
+            Path: the written file.
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
+            ValueError: ``path`` does not end with ``.npz``.
+        """
+        path = Path(path)
+        if path.suffix != ".npz":
+            msg = f"A bank file must end with '.npz'; got '{path}'."
+            raise ValueError(msg)
+        if path.exists() and not overwrite:
+            msg = f"Refusing to overwrite existing bank file '{path}' (pass overwrite=True / --overwrite)."
+            raise FileExistsError(msg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"bank_{i}": np.ascontiguousarray(t, dtype=np.float32) for i, t in enumerate(self.tensors)}
+        metadata = {**self.metadata, "format": BANK_FORMAT}
+        np.savez(path, __metadata__=np.array(json.dumps(metadata)), **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bank:
+        """Read a bank written by :meth:`save` (``allow_pickle=False``).
+
+        Raises:
+            FileNotFoundError: no such file.
+            BankError: the file is not an anomalib-cgad bank.
+        """
+        path = Path(path)
+        if not path.is_file():
+            msg = f"Bank file '{path}' does not exist."
+            raise FileNotFoundError(msg)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                metadata = json.loads(str(data["__metadata__"]))
+                names = sorted((k for k in data.files if k.startswith("bank_")), key=lambda k: int(k.split("_")[1]))
+                tensors = [np.asarray(data[name], dtype=np.float32) for name in names]
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+            msg = f"'{path}' is not a reference bank file written by anomalib-cgad: {exc}"
+            raise BankError(msg) from exc
+        if metadata.get("format") != BANK_FORMAT or not tensors:
+            msg = f"'{path}' is not an anomalib-cgad bank file (format {metadata.get('format')!r})."
+            raise BankError(msg)
+        return cls(tensors, metadata)
+
+    def check(self, expected: dict, source: str = "the bank") -> None:
+        """Raise :class:`BankError` naming every compatibility key where the bank differs from ``expected``."""
+        problems = [
+            f"{key}: bank has {self.metadata.get(key)!r}, model has {expected[key]!r}"
+            for key in COMPATIBILITY_KEYS
+            if key in expected and key in self.metadata and _plain(self.metadata[key]) != _plain(expected[key])
+        ]
+        if problems:
+            msg = f"{source} does not fit this model ({'; '.join(problems)}). Recompute it from the k images."
+            raise BankError(msg)
+        for i, tensor in enumerate(self.tensors):
+            if not np.isfinite(tensor).all():
+                msg = f"{source}: bank_{i} holds NaN or inf values."
+                raise BankError(msg)
+
+
+def _plain(value: object) -> object:
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files of a folder (sorted by name) or an explicit list of files.
+
+    Raises:
+        FileNotFoundError: the folder or a file does not exist.
+        ValueError: the folder holds no image files.
+    """
+    if isinstance(source, str | Path):
+        source = [source]
+    paths: list[Path] = []
+    for item in map(Path, source):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                msg = f"Folder '{item}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})."
+                raise ValueError(msg)
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            msg = f"Image path '{item}' does not exist."
+            raise FileNotFoundError(msg)
+    return paths
+
+
+def resize_bilinear(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of a ``(C, H, W)`` float array, identical to torch's ``interpolate(align_corners=False)``.
+
+    The models load reference images this way (``anomalib_cgad.models.base.load_images``), so OpenVINO and
+    torch see the same pixels. Without antialiasing, as in the models' pre-processor.
+
+    Example:
+        >>> resize_bilinear(np.arange(4, dtype=np.float32).reshape(1, 2, 2), (4, 4))[0, 0]
+        array([0.  , 0.25, 0.75, 1.  ], dtype=float32)
+    """
+    out_h, out_w = int(size[0]), int(size[1])
+    in_h, in_w = image.shape[-2:]
+    if (in_h, in_w) == (out_h, out_w):
+        return image.astype(np.float32, copy=False)
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0)
+        low = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        return low, np.minimum(low + 1, n_in - 1), (src - low).astype(np.float32)
+
+    y0, y1, wy = axis(in_h, out_h)
+    x0, x1, wx = axis(in_w, out_w)
+    rows = image[:, y0] * (1 - wy)[:, None] + image[:, y1] * wy[:, None]
+    return (rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx).astype(np.float32)
+
+
+def read_image(path: str | Path, size: Sequence[int] | None) -> np.ndarray:
+    """One image as RGB float ``(3, H, W)`` in [0, 1] (grayscale, RGBA and 16-bit accepted), resized to ``size``."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+                array = np.asarray(image, dtype=np.float32)
+                array = np.broadcast_to(array / max(float(array.max()), 1.0), (3, *array.shape))
+            else:
+                array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        msg = f"Could not read image '{path}': {exc}"
+        raise ValueError(msg) from exc
+    return resize_bilinear(np.ascontiguousarray(array), size) if size else np.ascontiguousarray(array)
+
+
+def as_batch(images: str | Path | Sequence[str | Path] | np.ndarray, size: Sequence[int] | None) -> np.ndarray:
+    """Paths (files or folders) or a float [0, 1] array (``CHW``/``NCHW``) → ``(N, 3, H, W)`` float32."""
+    if isinstance(images, np.ndarray):
+        array = images.astype(np.float32, copy=False)
+        array = array[None] if array.ndim == 3 else array
+        if array.ndim != 4 or array.shape[1] != 3:
+            msg = f"Images must be (N, 3, H, W) or (3, H, W) arrays in [0, 1]; got shape {array.shape}."
+            raise ValueError(msg)
+        return np.stack([resize_bilinear(a, size) for a in array]) if size else array
+    return np.stack([read_image(path, size) for path in list_images(images)])
+
+
+class BankInferencer:
+    """Score images against any reference bank, and compute banks from k images, with OpenVINO.
+
+    Args:
+        path (str | Path): the export folder (``<root>`` or ``<root>/weights/openvino``).
+        device (str): OpenVINO device. Defaults to ``"CPU"``.
+        config (dict | None): OpenVINO compile config. Defaults to ``{"INFERENCE_PRECISION_HINT": "f32"}``
+            (parity with torch; pass ``{}`` for the device default, bf16 on recent Xeons).
+
+    Attributes:
+        metadata (dict): the export's ``bank_metadata.json``.
+        default_bank (Bank): the bank the model held at export time.
+
+    Raises:
+        FileNotFoundError: the folder holds no swappable-bank export.
+    """
+
+    def __init__(self, path: str | Path, device: str = "CPU", config: dict | None = None) -> None:
+        import openvino as ov
+
+        folder = Path(path)
+        if (folder / "weights" / "openvino").is_dir():
+            folder = folder / "weights" / "openvino"
+        missing = [
+            name for name in (METADATA, f"{BANK_MODEL}.xml", f"{BANK_ENCODER}.xml") if not (folder / name).is_file()
+        ]
+        if missing:
+            msg = (
+                f"'{path}' holds no swappable-bank export (missing {missing}). Export with "
+                "anomalib_cgad.deploy.export_swappable_bank or 'anomalib export --export_type openvino'."
+            )
+            raise FileNotFoundError(msg)
+        self.folder = folder
+        self.metadata: dict = json.loads((folder / METADATA).read_text())
+        core = ov.Core()
+        config = dict(F32_CONFIG if config is None else config)
+        self.model = core.compile_model(folder / f"{BANK_MODEL}.xml", device, config)
+        self.encoder = core.compile_model(folder / f"{BANK_ENCODER}.xml", device, config)
+
+    @property
+    def image_size(self) -> list[int]:
+        """``(H, W)`` the images are resized to before entering the graphs (the model's pre-processor size)."""
+        return list(self.metadata["image_size"])
+
+    @property
+    def k_shot(self) -> int:
+        """The number of references the model was configured with."""
+        return int(self.metadata.get("k_shot", 1))
+
+    @property
+    def default_bank(self) -> Bank:
+        """The bank held by the model at export time (``bank.npz``)."""
+        return Bank.load(self.folder / BANK_FILE)
+
+    def expected_metadata(self) -> dict:
+        """The bank metadata this export expects (what :meth:`Bank.check` compares)."""
+        return {key: self.metadata[key] for key in COMPATIBILITY_KEYS if key in self.metadata} | {"format": BANK_FORMAT}
+
+    def compute_bank(self, images: str | Path | Sequence[str | Path] | np.ndarray) -> Bank:
+        """Compute the bank of a class from its normal images (files, a folder, or a float [0, 1] array).
+
+        Returns:
+            Bank: tensors + metadata (``num_refs`` = number of images used).
+        """
+        batch = as_batch(images, self.image_size)
+        outputs = self.encoder(batch)
+        tensors = [np.asarray(outputs[i], dtype=np.float32) for i in range(len(self.metadata["bank_names"]))]
+        return Bank(tensors, {**self.expected_metadata(), "num_refs": int(batch.shape[0])})
+
+    def check_bank(self, bank: Bank) -> None:
+        """Raise :class:`BankError` if ``bank`` was built for another model, backbone or image size."""
+        bank.check(self.expected_metadata())
+        expected = self.metadata["bank_names"]
+        if len(bank.tensors) != len(expected):
+            msg = f"The bank has {len(bank.tensors)} tensors but this model takes {len(expected)} ({expected})."
+            raise BankError(msg)
+        for i, tensor in enumerate(bank.tensors):
+            shape = self.model.input(i + 1).get_partial_shape()
+            if shape.rank.get_length() != tensor.ndim:
+                msg = f"bank_{i} has {tensor.ndim} dims; the model expects {shape.rank.get_length()}."
+                raise BankError(msg)
+            for axis in range(tensor.ndim):
+                if shape[axis].is_static and shape[axis].get_length() != tensor.shape[axis]:
+                    msg = f"bank_{i} has shape {tuple(tensor.shape)}; the model expects {shape} (another backbone?)."
+                    raise BankError(msg)
+
+    def predict(
+        self,
+        images: str | Path | Sequence[str | Path] | np.ndarray,
+        bank: Bank | str | Path | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Score images against a bank.
+
+        Args:
+            images: files, a folder, or a float [0, 1] ``(N, 3, H, W)`` array (resized to :attr:`image_size`).
+            bank (Bank | str | Path | None): the bank or its ``.npz`` file; ``None`` = :attr:`default_bank`.
+
+        Returns:
+            dict[str, np.ndarray]: ``pred_score`` ``(N,)``, ``pred_label`` ``(N,)``, ``anomaly_map`` and
+            ``pred_mask`` ``(N, 1, H, W)``, as anomalib's post-processor produces them.
+        """
+        bank = self.default_bank if bank is None else bank
+        bank = Bank.load(bank) if isinstance(bank, str | Path) else bank
+        self.check_bank(bank)
+        batch = as_batch(images, self.image_size)
+        outputs = self.model([batch, *bank.tensors])
+        return {name: outputs[i] for i, name in enumerate(self.metadata["output_names"])}

@@ -1,0 +1,262 @@
+"""Deployment speed: torch CPU vs OpenVINO CPU, and the model vs its bare backbone, in one run.
+
+For one model (``CGAD`` by default) at one image size, measures images/s and the median latency per image at
+batch 1 and batch 8 of:
+
+1. ``backbone (torch)``: the bare feature extractor forward (issue 7's reference: CGAD's test-time cost is
+   reported as a multiple of it);
+2. ``<model> (torch)``: the Lightning module's forward (pre-processor → model → post-processor);
+3. ``backbone (OpenVINO f32)`` and ``<model> (OpenVINO f32)``: the exported graphs compiled with
+   ``INFERENCE_PRECISION_HINT=f32`` (the parity setting); the model graph is ``bank_model.xml``, the deployed
+   graph with the reference bank as an input (anomalib's ``model.xml`` has the same operations with the bank
+   frozen);
+4. ``<model> (OpenVINO bf16)``: the CPU plugin's bf16 mode, only when the CPU reports BF16 (labelled; its
+   scores move by ~1e-2, see the README).
+
+The model is **untrained** (random flow and constraintor weights, ImageNet backbone, bank from k random
+images): latency does not depend on the trained values. Every timing takes ``--warmup`` un-timed calls, then
+``--iterations`` timed calls; the table reports the median. Results go to a new
+``<out>/<model>_<size>px/v<N>/`` folder (``results.csv``, ``results.md``, ``environment.json``); an existing
+folder is never reused.
+
+On a machine shared with other jobs, pass ``--threads 1``: with more threads than free cores, torch's OpenMP
+barriers stall (a 64 px backbone forward went from 8 ms with 1 thread to 0.2-3 s with 2 threads on a loaded
+2-core machine), which measures the contention, not the model.
+
+Example:
+    $ python -m benchmarks.deploy_speed --model CGAD --image-size 256 --out results/deploy_speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODELS = ("CGAD", "ResAD", "MetaAD")
+
+
+def _timed(function: Callable[[], object], warmup: int, iterations: int) -> float:
+    """Median wall time of ``function`` in seconds after ``warmup`` un-timed calls."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _next_folder(root: Path, name: str) -> Path:
+    base = root / name
+    version = 1
+    while (base / f"v{version}").exists():
+        version += 1
+    folder = base / f"v{version}"
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+def _bf16_supported(core) -> bool:
+    try:
+        return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:
+        return False
+
+
+def _export_backbone(backbone: torch.nn.Module, size: int, xml: Path) -> None:
+    import openvino as ov
+
+    example = torch.rand(1, 3, size, size)
+    onnx_path = xml.with_suffix(".onnx")
+    torch.onnx.export(
+        backbone,
+        (example,),
+        str(onnx_path),
+        dynamo=True,
+        opset_version=18,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    ov.save_model(ov.convert_model(onnx_path), xml)
+
+
+def build_model(name: str, size: int, k: int, seed: int):
+    """An untrained ``name`` at ``size`` px holding a bank of ``k`` random reference images."""
+    import anomalib_cgad
+
+    model_cls = getattr(anomalib_cgad, name)
+    torch.manual_seed(seed)
+    model = model_cls(pre_processor=model_cls.configure_pre_processor((size, size)), visualizer=False, k_shot=k)
+    model.eval()
+    model.set_references(torch.rand(k, 3, size, size))
+    return model
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], Path]:
+    """Time every variant at every batch size; write the results; return the rows and the folder."""
+    import openvino as ov
+
+    from anomalib_cgad.deploy import BankInferencer, export_swappable_bank
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = _next_folder(Path(args.out), f"{args.model}_{args.image_size}px")
+    model = build_model(args.model, args.image_size, args.k, args.seed)
+    size = args.image_size
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if args.threads:
+        config["INFERENCE_NUM_THREADS"] = args.threads
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"Exporting {args.model} ({size}px) and its backbone to OpenVINO ...", flush=True)
+        start = time.perf_counter()
+        export_folder = export_swappable_bank(model, tmp, input_size=None)
+        backbone_xml = Path(tmp) / "backbone.xml"
+        _export_backbone(model.model.backbone, size, backbone_xml)
+        export_seconds = time.perf_counter() - start
+        inferencers = {"f32": BankInferencer(export_folder, config=config)}
+        if _bf16_supported(core) and not args.no_bf16:
+            inferencers["bf16"] = BankInferencer(export_folder, config={**config, "INFERENCE_PRECISION_HINT": "bf16"})
+        ov_backbone = core.compile_model(backbone_xml, "CPU", config)
+        bank = inferencers["f32"].default_bank
+        rows = []
+        for batch_size in args.batch_sizes:
+            images = torch.rand(batch_size, 3, size, size)
+            normalised = model.pre_processor.transform(images)
+            array = images.numpy()
+            normalised_array = normalised.numpy()
+            variants: list[tuple[str, str, str, Callable[[], object]]] = [
+                ("backbone", "torch", "f32", lambda x=normalised: model.model.backbone(x)),
+                (args.model, "torch", "f32", lambda x=images: model(x)),
+                ("backbone", "OpenVINO", "f32", lambda x=normalised_array: ov_backbone(x)),
+            ]
+            for precision, inferencer in inferencers.items():
+                variants.append(
+                    (args.model, "OpenVINO", precision, lambda x=array, i=inferencer: i.model([x, *bank.tensors]))
+                )
+            for component, runtime, precision, function in variants:
+                with torch.no_grad():
+                    seconds = _timed(function, args.warmup, args.iterations)
+                rows.append({
+                    "model": args.model,
+                    "component": component,
+                    "runtime": runtime,
+                    "precision": precision,
+                    "image_size": size,
+                    "batch_size": batch_size,
+                    "ms_per_image": 1000 * seconds / batch_size,
+                    "images_per_s": batch_size / seconds,
+                    "ms_per_batch": 1000 * seconds,
+                })  # fmt: skip
+                print(f"  batch {batch_size:>2} {component:>8} {runtime:>8} {precision}: "
+                      f"{1000 * seconds / batch_size:8.2f} ms/image", flush=True)  # fmt: skip
+    _add_ratios(rows)
+    _write(folder, rows, args, export_seconds)
+    return rows, folder
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """``vs_backbone`` (the backbone of the same runtime, f32) and ``speedup_vs_torch`` (same component)."""
+    lookup = {(r["component"], r["runtime"], r["precision"], r["batch_size"]): r for r in rows}
+    for row in rows:
+        backbone = lookup.get(("backbone", row["runtime"], "f32", row["batch_size"]))
+        row["vs_backbone"] = row["ms_per_image"] / backbone["ms_per_image"] if backbone else float("nan")
+        torch_row = lookup.get((row["component"], "torch", "f32", row["batch_size"]))
+        row["speedup_vs_torch"] = torch_row["ms_per_image"] / row["ms_per_image"] if torch_row else float("nan")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| component | runtime | precision | batch | ms / image (median) | images / s | × backbone "
+        "| × faster than torch |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['component']} | {r['runtime']} | {r['precision']} | {r['batch_size']} | {r['ms_per_image']:.2f} "
+            f"| {r['images_per_s']:.2f} | {r['vs_backbone']:.2f} | {r['speedup_vs_torch']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _environment(args: argparse.Namespace, export_seconds: float) -> dict:
+    import openvino as ov
+
+    return {
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.deploy_speed", *sys.argv[1:]]),
+        "model": args.model,
+        "image_size": args.image_size,
+        "k_shot": args.k,
+        "warmup": args.warmup,
+        "iterations": args.iterations,
+        "trained": False,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "openvino": ov.__version__,
+        "numpy": np.__version__,
+        "export_seconds": round(export_seconds, 1),
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _write(folder: Path, rows: list[dict], args: argparse.Namespace, export_seconds: float) -> None:
+    with (folder / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    environment = _environment(args, export_seconds)
+    (folder / "environment.json").write_text(json.dumps(environment, indent=2))
+    header = (
+        f"# Deployment speed: {args.model}, {args.image_size}px, k={args.k} (untrained weights; timing only)\n\n"
+        f"`{environment['command']}`: median of {args.iterations} calls after {args.warmup} warm-up calls, "
+        f"{environment['cpu_count']} CPU(s), torch {environment['torch']} ({environment['torch_threads']} threads), "
+        f"OpenVINO {environment['openvino']}, 1-min load average at the end {environment['loadavg_1min']}.\n\n"
+    )
+    (folder / "results.md").write_text(header + markdown_table(rows) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.deploy_speed", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="CGAD")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--k", type=int, default=4, help="reference images in the bank (default: 4)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch and OpenVINO threads (0 = their defaults)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the OpenVINO bf16 row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/deploy_speed")
+    args = parser.parse_args(argv)
+    if args.image_size < 32 or min(args.batch_sizes) < 1 or args.iterations < 1 or args.warmup < 0 or args.k < 1:
+        parser.error("--image-size >= 32, --batch-sizes >= 1, --iterations >= 1, --warmup >= 0 and --k >= 1.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the table."""
+    args = parse_args(argv)
+    rows, folder = run(args)
+    print()
+    print(markdown_table(rows))
+    print(f"\nWrote {folder / 'results.csv'} and {folder / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
