@@ -79,12 +79,56 @@ def build_datamodule(dataset: str, out: Path, k_shot: int, reference_seed: int, 
     return datamodule, f"generated data: train on {SYNTHETIC_SOURCES}, test on unseen {SYNTHETIC_TARGETS}"
 
 
-def write_report(metrics: dict[str, float], categories: list[str], folder: Path, title: str) -> None:
-    """Write ``metrics.csv``, ``metrics.md`` and ``per_class_auroc.png`` for the per-class test metrics."""
+def plot_class_bars(
+    values: dict[str, dict[str, float]],
+    path: Path,
+    title: str,
+    ylabel: str = "image AUROC",
+    errors: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """Grouped bar chart: one group per class, one bar per series (model), with an optional error bar.
+
+    Shared by the demo report and the benchmark report (``benchmarks/report.py``).
+
+    Args:
+        values (dict[str, dict[str, float]]): ``{series: {class: value}}``.
+        path (Path): PNG file to write.
+        title (str): figure title.
+        ylabel (str): y axis label. Defaults to ``"image AUROC"``.
+        errors (dict[str, dict[str, float]] | None): ``{series: {class: std}}``. Defaults to ``None``.
+
+    Returns:
+        Path: ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = list(values)
+    classes = list(dict.fromkeys(c for s in series for c in values[s]))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(classes) * max(len(series), 1) * 0.5 + 2.5), 3.8))
+    positions = np.arange(len(classes))
+    for i, name in enumerate(series):
+        heights = [values[name].get(c, float("nan")) for c in classes]
+        err = [errors[name].get(c, 0.0) for c in classes] if errors and name in errors else None
+        ax.bar(positions + (i - (len(series) - 1) / 2) * width, heights, width, yerr=err, capsize=2, label=name)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(positions, classes, rotation=20 if len(classes) > 4 else 0, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=7, ncol=max(1, len(series) // 4))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(metrics: dict[str, float], categories: list[str], folder: Path, title: str) -> None:
+    """Write ``metrics.csv``, ``metrics.md`` and ``per_class_auroc.png`` for the per-class test metrics."""
     import pandas as pd
 
     names = sorted({key.split("/")[0] for key in metrics})
@@ -94,17 +138,8 @@ def write_report(metrics: dict[str, float], categories: list[str], folder: Path,
     frame.to_csv(folder / "metrics.csv", index=False)
     (folder / "metrics.md").write_text(f"# {title}\n\n" + frame.to_markdown(index=False, floatfmt=".3f") + "\n")
     if "image_AUROC" in names:
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(categories) + 2), 3.5))
-        values = [metrics.get(f"image_AUROC/{c}", float("nan")) for c in categories]
-        ax.bar(categories, values, color="tab:blue")
-        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("image AUROC")
-        ax.set_title(title, fontsize=9)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(folder / "per_class_auroc.png", dpi=120)
-        plt.close(fig)
+        values = {"image AUROC": {c: metrics.get(f"image_AUROC/{c}", float("nan")) for c in categories}}
+        plot_class_bars(values, folder / "per_class_auroc.png", title)
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, float]:

@@ -50,11 +50,29 @@ def seed_timm_cache(cache_root: str | Path | None = None) -> Path:
     return snapshot
 
 
-def build_peer(name: str, k_shot: int, backbone: str = "tf_efficientnet_lite0"):
+PADIM_FEATURES = {"tf_efficientnet_lite0": 100}  # of 40 + 112 = 152 channels (resnet18: 100 of 448)
+
+
+def build_peer(
+    name: str,
+    k_shot: int,
+    backbone: str = "tf_efficientnet_lite0",
+    image_size: tuple[int, int] | None = None,
+):
     """Instantiate anomalib peer ``name`` for a k-shot run (visualizer off).
 
+    Args:
+        name (str): ``Patchcore``, ``Padim``, ``WinClip`` or ``AnomalyDINO``.
+        k_shot (int): number of reference images (WinClip's ``k_shot``).
+        backbone (str): backbone of Patchcore and Padim. Defaults to ``"tf_efficientnet_lite0"``.
+        image_size (tuple[int, int] | None): input size of Patchcore and Padim (``None``: anomalib's default).
+
+    Returns:
+        AnomalibModule: the peer model.
+
     Raises:
-        RuntimeError: the peer's pretrained weights are unavailable (message says which and why).
+        RuntimeError: the peer's pretrained weights or packages are unavailable (message says which and why).
+        ValueError: unknown peer name.
     """
     from anomalib.models import AnomalyDINO, Padim, Patchcore, WinClip
 
@@ -62,19 +80,28 @@ def build_peer(name: str, k_shot: int, backbone: str = "tf_efficientnet_lite0"):
         seed_timm_cache()
     try:
         if name == "Patchcore":
+            pre = Patchcore.configure_pre_processor(image_size) if image_size else True
             return Patchcore(
-                backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer2", "layer3"]), visualizer=False
+                backbone=backbone,
+                layers=PEER_LAYERS.get(backbone, ["layer2", "layer3"]),
+                pre_processor=pre,
+                visualizer=False,
             )
         if name == "Padim":
+            pre = Padim.configure_pre_processor(image_size) if image_size else True
             return Padim(
-                backbone=backbone, layers=PEER_LAYERS.get(backbone, ["layer1", "layer2", "layer3"]), visualizer=False
+                backbone=backbone,
+                layers=PEER_LAYERS.get(backbone, ["layer1", "layer2", "layer3"]),
+                n_features=PADIM_FEATURES.get(backbone),
+                pre_processor=pre,
+                visualizer=False,
             )
         if name == "AnomalyDINO":
             return AnomalyDINO(visualizer=False)
         if name == "WinClip":
             return WinClip(k_shot=k_shot, visualizer=False)
     except Exception as exc:
-        msg = f"{name}: pretrained weights unavailable ({type(exc).__name__}: {str(exc)[:160]})"
+        msg = f"{name}: weights or package unavailable offline ({type(exc).__name__}: {str(exc)[:120]})"
         raise RuntimeError(msg) from exc
     msg = f"Unknown peer '{name}'; choose from Patchcore, Padim, AnomalyDINO, WinClip."
     raise ValueError(msg)

@@ -1,0 +1,76 @@
+"""Command line of the benchmarks: ``python -m benchmarks run --preset elpv --quick``.
+
+Example:
+    $ python -m benchmarks run --preset elpv --quick
+    $ python -m benchmarks run --preset elpv --models CGAD PatchKNN --k-shot 1 4 --seeds 0
+    $ python -m benchmarks run --protocol my_protocol.yaml --out results/benchmarks
+    $ python -m benchmarks list
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``run`` and ``list`` sub-commands."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a preset or a protocol YAML")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="preset name in benchmarks/presets (elpv, synthetic, mvtec_to_visa, ...)")
+    source.add_argument("--protocol", help="path of a protocol YAML (same schema as the presets)")
+    run.add_argument("--models", nargs="+", help="override the models (CGAD ResAD MetaAD PatchKNN Patchcore ...)")
+    run.add_argument("--k-shot", nargs="+", type=int, help="override the k values")
+    run.add_argument("--seeds", nargs="+", type=int, help="override the reference seeds")
+    run.add_argument("--epochs", type=int, help="override the training epochs of our models")
+    run.add_argument("--image-size", type=int, help="override the square input size")
+    run.add_argument("--max-eval-per-class", type=int, help="at most N normal + N anomalous eval images per class")
+    run.add_argument("--max-val-per-class", type=int, help="at most N normal + N anomalous source-validation images")
+    run.add_argument("--source-root", help="folder of the source dataset (presets on downloaded data)")
+    run.add_argument("--target-root", help="folder of the target dataset (presets on downloaded data)")
+    run.add_argument("--quick", action="store_true", help="apply the preset's quick section (short CPU run)")
+    run.add_argument("--out", default="results/benchmarks", help="results root; each run gets a new v<N> folder")
+    commands.add_parser("list", help="list the presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run."""
+    args = build_parser().parse_args(argv)
+    from benchmarks.runner import PRESETS, load_config, run_benchmark, validate_config
+
+    if args.command == "list":
+        for path in sorted(PRESETS.glob("*.yaml")):
+            print(path.stem)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = load_config(preset=args.preset, protocol=args.protocol, quick=args.quick)
+        overrides = {
+            "models": args.models,
+            "k_shot": args.k_shot,
+            "seeds": args.seeds,
+            "epochs": args.epochs,
+            "image_size": args.image_size,
+            "max_eval_per_class": args.max_eval_per_class,
+            "max_val_per_class": args.max_val_per_class,
+        }
+        config.update({key: value for key, value in overrides.items() if value is not None})
+        for direction in config["directions"]:
+            if args.source_root:
+                direction["source_root"] = args.source_root
+            if args.target_root:
+                direction["target_root"] = args.target_root
+        validate_config(config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_benchmark(config, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Training-free k-shot patch-kNN baseline on the same backbone, layers and references as the anomalib-cgad models.
+
+Steps (for a test image of a class whose k normal references are known):
+
+1. features of the query and of the k references from the shared frozen backbone
+   (:class:`anomalib_cgad.components.backbone.FeatureExtractor`, the same layers as CGAD/ResAD/MetaAD);
+2. per level, every query patch is matched to its nearest reference patch
+   (:func:`anomalib_cgad.components.reference_bank.nearest_reference`); the patch score is the L2 distance;
+3. the per-level distance maps are upsampled to the input size, averaged over levels and smoothed with a
+   Gaussian (anomalib's ``GaussianBlur2d``);
+4. the image score is the maximum of the map.
+
+The Lightning module mixes in :class:`~anomalib_cgad.models.base.ReferenceMixin`, so it receives exactly the
+references the trained models receive (the cross-class datamodule's ``reference_images``), uses the same
+pre-processor and per-class evaluator, and learns its threshold with anomalib's post-processor on the source
+classes' validation. It is a baseline: it is *not* registered as an anomalib-cgad plugin model.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from benchmarks.patch_knn import PatchKNN
+    >>> from anomalib_cgad.data import CrossClass
+    >>> datamodule = CrossClass(source_dataset="ELPV", source_categories=["mono"], target_categories=["poly"])
+    >>> Engine().test(PatchKNN(k_shot=4), datamodule=datamodule)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from anomalib import LearningType
+from anomalib.data import InferenceBatch
+from anomalib.models.components import AnomalibModule, GaussianBlur2d
+from anomalib.visualization import Visualizer
+from torch import nn
+
+from anomalib_cgad.components.backbone import FeatureExtractor
+from anomalib_cgad.components.reference_bank import ReferenceBank, flatten_patches, nearest_reference
+from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
+
+
+class PatchKNNModel(nn.Module):
+    """Torch model: nearest-reference-patch distance map and its maximum.
+
+    Args:
+        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
+        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
+        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
+        sigma (float): Gaussian smoothing of the map, in pixels. Defaults to ``4.0``.
+
+    Example:
+        >>> model = PatchKNNModel(backbone_weights=None).eval()
+        >>> model.set_reference(torch.rand(2, 3, 64, 64))
+        >>> out = model(torch.rand(3, 3, 64, 64))
+        >>> tuple(out.pred_score.shape), tuple(out.anomaly_map.shape)
+        ((3,), (3, 1, 64, 64))
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[int] = (2, 3),
+        backbone_weights: str | None = "pretrained",
+        sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.backbone = FeatureExtractor(backbone, layers=layers, weights=backbone_weights)
+        self.bank = ReferenceBank(num_levels=len(self.backbone.layers))
+        kernel = 2 * int(4.0 * sigma + 0.5) + 1
+        self.blur = GaussianBlur2d(kernel_size=(kernel, kernel), sigma=(sigma, sigma), channels=1)
+
+    @torch.no_grad()
+    def set_reference(self, images: torch.Tensor) -> None:
+        """Store the patch features of normalised reference images ``(k, 3, H, W)``."""
+        self.bank.set(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Score normalised images ``(B, 3, H, W)`` against the stored references.
+
+        Returns:
+            InferenceBatch: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``.
+        """
+        if not self.bank.is_set:
+            msg = "PatchKNN has no references: set them with set_reference(images) first."
+            raise RuntimeError(msg)
+        maps = []
+        for feature, refs in zip(self.backbone(images), self.bank.tensors(), strict=True):
+            batch, _, height, width = feature.shape
+            queries = flatten_patches(feature)
+            distance = (queries - nearest_reference(queries, refs.to(queries.dtype))).norm(dim=-1)
+            level_map = distance.reshape(batch, 1, height, width)
+            maps.append(F.interpolate(level_map, size=images.shape[-2:], mode="bilinear", align_corners=False))
+        anomaly_map = self.blur(torch.stack(maps).mean(0))
+        return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
+
+
+class PatchKNN(ReferenceMixin, AnomalibModule):
+    """Training-free k-shot patch-kNN baseline (FEW_SHOT: ``Engine.fit`` only validates, to learn thresholds).
+
+    Args:
+        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
+        layers (Sequence[int]): backbone stages (the models' default). Defaults to ``(2, 3)``.
+        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
+        k_shot (int): references per class. Defaults to ``4``.
+        few_shot_source (str | None): folder of reference images. Defaults to ``None``.
+        sigma (float): Gaussian smoothing of the map. Defaults to ``4.0``.
+        pre_processor (nn.Module | bool): Defaults to ``True`` (the models' resize + ImageNet normalisation).
+        post_processor (nn.Module | bool): Defaults to ``True``.
+        evaluator (nn.Module | bool): Defaults to ``True`` (per-class evaluator).
+        visualizer (Visualizer | bool): Defaults to ``True``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[int] = (2, 3),
+        backbone_weights: str | None = "pretrained",
+        k_shot: int = 4,
+        few_shot_source: str | None = None,
+        sigma: float = 4.0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: nn.Module | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if k_shot < 1:
+            msg = f"k_shot must be >= 1, got {k_shot}."
+            raise ValueError(msg)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=default_evaluator() if evaluator is True else evaluator,
+            visualizer=visualizer,
+        )
+        self.k_shot = k_shot
+        self.few_shot_source = few_shot_source
+        self.model = PatchKNNModel(backbone, layers, backbone_weights, sigma)
+        self._init_references()
+
+    def configure_optimizers(self) -> None:
+        """Training-free: no optimiser."""
+        return
+
+    def training_step(self, batch: Any, *args, **kwargs) -> torch.Tensor:
+        """Nothing to train (never called by ``Engine`` for a FEW_SHOT model)."""
+        del batch, args, kwargs
+        return torch.tensor(0.0, requires_grad=True, device=self.device)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """One epoch at most, no sanity validation."""
+        return {"max_epochs": 1, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``FEW_SHOT``: nothing is fitted; validation on the source classes learns the threshold."""
+        return LearningType.FEW_SHOT

@@ -1,0 +1,210 @@
+"""Benchmark report: summary tables (mean ± std over seeds), plots, anomaly-map overlays and the speed table.
+
+Files written into the run folder (``results.csv`` and ``speed.csv`` are written by the runner as it goes):
+
+- ``summary.md``: per direction and metric, a model × k table of the class-mean metric, mean ± std over
+  reference seeds; skipped models with their reason; the run's wall time;
+- ``auroc_vs_k_<direction>.png``: image AUROC against k, one line per model, error bars over seeds;
+- ``per_class_bar.png``: image AUROC per target class and model at the largest k (seed mean ± std);
+- ``overlays/<direction>_<model>_k<k>_s<seed>.png``: a few test images with their anomaly map (anomalib's
+  ``visualize_anomaly_map`` + ``overlay_image``);
+- ``speed.md``: training time, test throughput and peak memory per model and direction.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUMMARY_METRICS = (
+    ("image_AUROC", "image AUROC (all test images)"),
+    ("image_AUROC_clear", "image AUROC, clear defects vs normals"),
+    ("image_AUROC_subtle", "image AUROC, subtle defects vs normals"),
+    ("pixel_AUROC", "pixel AUROC"),
+    ("AUPRO", "AUPRO"),
+    ("F1_transferred", "image F1 at the transferred threshold"),
+    ("F1_oracle", "image F1 at the best threshold on the test class (F1Max)"),
+)
+
+
+def _fmt(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def class_mean_frame(frame):
+    """Rows of successful passes, one per (direction, model, k, seed): the class mean (or the single class)."""
+    import pandas as pd
+
+    ok = frame[frame.status == "ok"]
+    means = ok[ok["class"] == "mean"]
+    single = ok.groupby(["direction", "model", "k_shot", "seed"]).filter(lambda g: len(g) == 1)
+    return pd.concat([means, single]) if len(means) else single
+
+
+def summary_tables(frame, models: list[str]) -> str:
+    """Markdown: per direction and metric, model rows × k columns, mean ± std over seeds."""
+    per_pass = class_mean_frame(frame)
+    lines: list[str] = []
+    for direction in dict.fromkeys(frame.direction):
+        part = per_pass[per_pass.direction == direction]
+        lines.append(f"## {direction}\n")
+        ks = sorted(int(k) for k in frame.k_shot.dropna().unique())
+        for metric, title in SUMMARY_METRICS:
+            if metric not in part or part[metric].isna().all():
+                continue
+            lines.append(f"**{title}** (`{metric}`; mean ± std over reference seeds)\n")
+            lines.append("| model | " + " | ".join(f"k={k}" for k in ks) + " |")
+            lines.append("|---|" + "---|" * len(ks))
+            for model in models:
+                rows = part[part.model == model]
+                if rows.empty:
+                    continue
+                cells = [_fmt(rows[rows.k_shot == k][metric].tolist()) for k in ks]
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            lines.append("")
+        skipped = frame[(frame.direction == direction) & (frame.status != "ok")]
+        for model, reason in dict(zip(skipped.model, skipped.status, strict=True)).items():
+            lines.append(f"- **{model}**: {reason}")
+        if not skipped.empty:
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_auroc_vs_k(frame, folder: Path, models: list[str]) -> list[Path]:
+    """One PNG per direction: class-mean image AUROC vs k, one line per model, error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_pass = class_mean_frame(frame)
+    paths = []
+    for direction in dict.fromkeys(frame.direction):
+        part = per_pass[per_pass.direction == direction]
+        if part.empty:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for model in models:
+            rows = part[part.model == model]
+            if rows.empty:
+                continue
+            grouped = rows.groupby("k_shot")["image_AUROC"]
+            ks = sorted(grouped.groups)
+            mean = [grouped.get_group(k).mean() for k in ks]
+            std = [grouped.get_group(k).std(ddof=1) if len(grouped.get_group(k)) > 1 else 0.0 for k in ks]
+            ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(part.k_shot.unique()), [str(int(k)) for k in sorted(part.k_shot.unique())])
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("k (normal reference images of the unseen class)")
+        ax.set_ylabel("image AUROC")
+        ax.set_title(f"{direction}: image AUROC vs k", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"auroc_vs_k_{direction}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_per_class(frame, folder: Path, models: list[str]) -> Path | None:
+    """Image AUROC per target class (``direction:class``) and model at the largest k, seed mean ± std."""
+    from anomalib_cgad.demo import plot_class_bars
+
+    ok = frame[(frame.status == "ok") & (frame["class"] != "mean")]
+    if ok.empty:
+        return None
+    k = int(ok.k_shot.max())
+    ok = ok[ok.k_shot == k]
+    values: dict[str, dict[str, float]] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for model in models:
+        rows = ok[ok.model == model]
+        for (direction, category), group in rows.groupby(["direction", "class"], sort=False):
+            label = f"{direction}:{category}"
+            values.setdefault(model, {})[label] = float(group.image_AUROC.mean())
+            errors.setdefault(model, {})[label] = float(group.image_AUROC.std(ddof=1)) if len(group) > 1 else 0.0
+    return plot_class_bars(values, folder / "per_class_bar.png", f"image AUROC per class, k={k}", errors=errors)
+
+
+def write_overlays(overlays: dict, folder: Path, size: int = 160) -> list[Path]:
+    """Grids of test images with their anomaly maps (anomalib's visualisation helpers)."""
+    from anomalib.visualization.image.functional import (
+        add_text_to_image,
+        create_image_grid,
+        overlay_image,
+        visualize_anomaly_map,
+    )
+    from PIL import Image
+
+    target = folder / "overlays"
+    paths = []
+    for (direction, model, k, seed), per_class in overlays.items():
+        tiles = []
+        every = [amap for examples in per_class.values() for amap in examples.values()]
+        if not every:
+            continue
+        low = min(float(a.min()) for a in every)
+        high = max(float(a.max()) for a in every)
+        for category, examples in per_class.items():
+            for key, amap in examples.items():
+                label, path = key.split("::", 1)
+                with Image.open(path) as image:
+                    base = image.convert("RGB").resize((size, size))
+                # one scale for the grid (normal images stay calm); raw maps are not in [0, 1] and
+                # to_pil_image would wrap values > 1 around
+                scaled = ((amap - low) / (high - low) if high > low else amap * 0).clamp(0, 1)
+                heat = visualize_anomaly_map(scaled, colormap=True).resize((size, size))
+                tile = overlay_image(base, heat, alpha=0.45)
+                text = f"{category} {'defect' if label == '1' else 'normal'}"
+                tiles.append(add_text_to_image(tile.convert("RGB"), text, size=12))
+        if not tiles:
+            continue
+        target.mkdir(exist_ok=True)
+        out = target / f"{direction}_{model}_k{k}_s{seed}.png"
+        create_image_grid(tiles, nrow=min(len(tiles), 6)).save(out)
+        paths.append(out)
+    return paths
+
+
+def _eval_text(limit: int | None) -> str:
+    if not limit:
+        return "all evaluation images"
+    return f"at most {limit} normal + {limit} defective evaluation images per class (fixed draw)"
+
+
+def write_report(folder: Path, recorder: Any, overlays: dict, config: dict, elapsed: float) -> None:
+    """Write ``summary.md``, the plots, the overlays and ``speed.md`` for a finished run."""
+    import pandas as pd
+
+    frame = pd.DataFrame(recorder.rows)
+    models = list(config["models"])
+    header = (
+        f"# Benchmark `{config['name']}`\n\n"
+        f"models {models}, k {config['k_shot']}, reference seeds {config['seeds']}, image size "
+        f"{config.get('image_size', 160)}, epochs {config.get('epochs') or 'model default'}, "
+        f"{_eval_text(config.get('max_eval_per_class'))}; "
+        f"wall time {elapsed / 60:.1f} min.\n\n"
+    )
+    (folder / "summary.md").write_text(header + summary_tables(frame, models) + "\n")
+    if not frame.empty and (frame.status == "ok").any():
+        plot_auroc_vs_k(frame, folder, models)
+        plot_per_class(frame, folder, models)
+    write_overlays(overlays, folder, size=int(config.get("image_size", 160)))
+    if recorder.speed:
+        speed = pd.DataFrame(recorder.speed)
+        (folder / "speed.md").write_text(
+            "# Speed and memory\n\n"
+            "train_s: training (ours) / fitting on the references, all passes (peers); test_images_per_s: test "
+            "passes only; peak_rss_mb: peak resident memory of the process during the model's runs; "
+            "peak_cuda_mb: torch peak CUDA memory (empty on CPU).\n\n" + speed.to_markdown(index=False) + "\n"
+        )

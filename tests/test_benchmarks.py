@@ -1,0 +1,116 @@
+"""The benchmark runner end to end on generated data, plus its metric and configuration helpers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+SOURCES = ("stripes", "dots", "checker")  # the classes of the synthetic_root fixture (conftest.py)
+TARGETS = ("waves",)
+
+
+def _config(root) -> dict:
+    return {
+        "name": "tiny",
+        "models": ["CGAD", "PatchKNN", "Patchcore", "WinClip"],
+        "k_shot": [1, 2],
+        "seeds": [0],
+        "epochs": 1,
+        "image_size": 64,
+        "train_batch_size": 8,
+        "eval_batch_size": 16,
+        "model_args": {"CGAD": {"coupling_blocks": 2, "synthetic_per_class": 4}},
+        "directions": [
+            {
+                "name": "textures_to_waves",
+                "source_dataset": "MVTecAD",
+                "source_root": str(root),
+                "source_categories": list(SOURCES),
+                "target_categories": list(TARGETS),
+            }
+        ],
+    }
+
+
+def test_runner_writes_results_tables_and_plots(synthetic_root, tmp_path) -> None:
+    from benchmarks.runner import run_benchmark
+
+    folder = run_benchmark(_config(synthetic_root), tmp_path / "out")
+    assert folder == tmp_path / "out" / "tiny" / "v0"
+    frame = pd.read_csv(folder / "results.csv")
+    ok = frame[frame.status == "ok"]
+    assert sorted(zip(ok.model, ok.k_shot, strict=True)) == sorted(
+        (m, k) for m in ("CGAD", "PatchKNN", "Patchcore") for k in (1, 2)
+    )
+    assert set(ok["class"]) == set(TARGETS)
+    for column in ("image_AUROC", "pixel_AUROC", "AUPRO", "F1_transferred", "F1_oracle"):
+        assert ok[column].between(0, 1).all(), ok[column]
+    knn = ok[ok.model == "PatchKNN"]
+    assert (knn.image_AUROC > 0.7).all(), knn.image_AUROC
+    # the trained model is reused: only the references change with k (bank size = k, different files)
+    for model in ("CGAD", "PatchKNN"):
+        rows = ok[ok.model == model].sort_values("k_shot")
+        assert rows.bank_refs.tolist() == [1, 2]
+        assert [len(r.split(";")) for r in rows.references] == [1, 2]
+    winclip = frame[frame.model == "WinClip"]
+    assert len(winclip) == 2
+    assert all(s == "ok" or s.startswith("skipped") for s in winclip.status)
+    summary = (folder / "summary.md").read_text()
+    assert "| PatchKNN |" in summary
+    assert "k=1" in summary
+    for name in ("auroc_vs_k_textures_to_waves.png", "per_class_bar.png", "speed.csv", "speed.md"):
+        assert (folder / name).stat().st_size > 0, name
+    assert len(list((folder / "overlays").glob("*.png"))) == 3
+    speed = pd.read_csv(folder / "speed.csv")
+    assert set(speed.model) == {"CGAD", "PatchKNN", "Patchcore"}
+    assert (speed.test_images_per_s > 0).all()
+
+
+def test_class_metrics_splits_clear_and_subtle() -> None:
+    from benchmarks.runner import class_metrics
+
+    scores = torch.tensor([10.0, 20.0, 90.0, 30.0, 15.0])  # raw scores, outside [0, 1] on purpose
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    probability = np.array([0.0, 0.0, 1.0, 2 / 3, 1 / 3])
+    out = class_metrics(scores, labels, threshold=25.0, probability=probability)
+    assert out["image_AUROC_clear"] == 1.0
+    assert out["image_AUROC_subtle"] == pytest.approx(0.75)
+    assert out["image_AUROC"] == pytest.approx(5 / 6)
+    assert out["F1_transferred"] == pytest.approx(0.8)  # 2 of 3 anomalies above 25, no false positive
+    assert math.isnan(out["pixel_AUROC"])
+
+
+def test_configuration_errors_are_clear(tmp_path) -> None:
+    from benchmarks.runner import load_config, next_run_folder, validate_config
+
+    with pytest.raises(FileNotFoundError, match="Unknown preset"):
+        load_config(preset="nope")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_config()
+    quick = load_config(preset="elpv", quick=True)
+    assert quick["k_shot"] == [1, 4]
+    assert [d["name"] for d in quick["directions"]] == ["mono_to_poly", "poly_to_mono"]
+    assert load_config(preset="elpv")["k_shot"] == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="Unknown models"):
+        validate_config({**quick, "models": ["Nope"]})
+    assert next_run_folder(tmp_path, "x").name == "v0"
+    assert next_run_folder(tmp_path, "x").name == "v1"  # never reuses an existing folder
+
+
+def test_patch_knn_scores_a_pasted_defect_higher() -> None:
+    from benchmarks.patch_knn import PatchKNNModel
+
+    torch.manual_seed(0)
+    model = PatchKNNModel().eval()
+    normal = torch.zeros(2, 3, 64, 64)
+    model.set_reference(normal)
+    defect = normal[:1].clone()
+    defect[:, :, 20:36, 20:36] = 2.0
+    out = model(torch.cat([normal[:1], defect]))
+    assert out.pred_score[1] > out.pred_score[0] + 1e-3
+    assert out.anomaly_map.shape == (2, 1, 64, 64)
+    assert out.anomaly_map[1, 0, 28, 28] > out.anomaly_map[1, 0, 2, 2]
