@@ -9,11 +9,13 @@ the multi-directional framework:
    the outer level calibrates. The logit ranks patches exactly as the probability does but never saturates:
    on an unseen class whose residuals are all larger than the training classes', ``1 − σ`` rounds to 1.0
    for every patch in float32 and the image scores tie; → up-sample, sum, smooth → raw map;
-3. **threshold transfer**: the raw map is standardised, ``(map − μ) / σ``, with the mean and standard
-   deviation of the references' own leave-one-out maps (each reference against the patches of the *other*
-   references; with k = 1, against its own other positions). ``(μ, σ)`` is part of the bank, computed from
-   the same k images, so a threshold learned on the training classes means "this many standard deviations
-   above a normal patch of the class", on any class.
+3. **threshold transfer**: ``b_l`` and ``T`` are learned on the training classes, so the score means the same
+   on any class and anomalib's threshold learned on the training classes' validation images carries over.
+   Optionally (``normalise_by_references=True``, off by default) the raw map is also standardised,
+   ``(map − μ) / σ``, by the mean and standard deviation of the references' own leave-one-out maps (each
+   reference against the patches of the *other* references; with k = 1, against its own other positions);
+   ``(μ, σ)`` is always part of the bank, computed from the same k images. On ELPV this standardisation
+   collapsed F1 from mono to poly (poly's defects are few of poly's large σ above normal), hence off.
 
 Example:
     >>> import torch
@@ -77,8 +79,8 @@ class CGADModel(ResADModel):
         condition_dim (int): positional-code length. Defaults to ``128``.
         temperature_bounds (tuple[float, float]): bounds of the learned temperature. Defaults to ``(0.5, 10)``.
         learn_temperature (bool): learn T (else fixed at 1). Defaults to ``True``.
-        normalise_by_references (bool): standardise scores by the references' leave-one-out map (threshold
-            transfer). Defaults to ``True``.
+        normalise_by_references (bool): standardise scores by the references' leave-one-out map. Defaults to
+            ``False`` (the learned ``b`` and ``T`` are the class-agnostic normalisation).
 
     Attributes:
         boundary (nn.Parameter): per-level ``b_l``.
@@ -97,7 +99,7 @@ class CGADModel(ResADModel):
         condition_dim: int = 128,
         temperature_bounds: tuple[float, float] = (0.5, 10.0),
         learn_temperature: bool = True,
-        normalise_by_references: bool = True,
+        normalise_by_references: bool = False,
     ) -> None:
         super().__init__(
             backbone=backbone,
