@@ -110,9 +110,18 @@ def validate_config(config: dict) -> None:
         if not config.get(key):
             msg = f"Benchmark configuration needs a non-empty '{key}'."
             raise ValueError(msg)
-    unknown = [m for m in config["models"] if m not in ALL_MODELS]
+    variants = config.get("variants") or {}
+    for name, variant in variants.items():
+        base = (variant or {}).get("model")
+        if base not in (*OURS, *BASELINES):
+            msg = f"Variant '{name}' needs 'model:' one of {[*OURS, *BASELINES]}, got {base!r}."
+            raise ValueError(msg)
+        if not isinstance(variant.get("args", {}), dict):
+            msg = f"Variant '{name}': 'args' must be a mapping of constructor arguments."
+            raise ValueError(msg)
+    unknown = [m for m in config["models"] if m not in ALL_MODELS and m not in variants]
     if unknown:
-        msg = f"Unknown models {unknown}; choose from {list(ALL_MODELS)}."
+        msg = f"Unknown models {unknown}; choose from {list(ALL_MODELS)} or the protocol's variants {list(variants)}."
         raise ValueError(msg)
     if any(int(k) < 1 for k in config["k_shot"]):
         msg = f"k_shot values must be >= 1, got {config['k_shot']}."
@@ -469,8 +478,17 @@ def mean_row(rows: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------- models
 def build_ours(name: str, config: dict, k: int):
-    """A fresh CGAD / ResAD / MetaAD / PatchKNN at the benchmark's image size (visualizer off)."""
+    """A fresh CGAD / ResAD / MetaAD / PatchKNN at the benchmark's image size (visualizer off).
+
+    ``name`` may also be a *variant* of the protocol (``variants: {NAME: {model: MetaAD, args: {...}}}``):
+    the base model built with those constructor arguments, e.g. for ablations.
+    """
     size = (int(config.get("image_size", 160)),) * 2
+    variant = (config.get("variants") or {}).get(name)
+    if variant is not None:
+        name, options = variant["model"], dict(variant.get("args") or {})
+    else:
+        options = dict(config.get("model_args", {}).get(name, {}))
     if name == "PatchKNN":
         from benchmarks.patch_knn import PatchKNN
 
@@ -479,7 +497,6 @@ def build_ours(name: str, config: dict, k: int):
         import anomalib_cgad
 
         cls = getattr(anomalib_cgad, name)
-    options = dict(config.get("model_args", {}).get(name, {}))
     return cls(pre_processor=cls.configure_pre_processor(size), k_shot=k, visualizer=False, **options)
 
 
@@ -566,7 +583,8 @@ def run_ours(ctx: Context, name: str) -> None:
                 _report_line(rows, _pass_name(direction["name"], name, k, seed), time.perf_counter() - pass_start)
                 if k == max(ks) and seed == seeds[0]:
                     ctx.overlays[(direction["name"], name, k, seed)] = examples
-    trained = name != "PatchKNN"
+    variant = (config.get("variants") or {}).get(name)
+    trained = (variant["model"] if variant else name) not in BASELINES
     ctx.recorder.add_speed(_speed_row(direction["name"], name, train_seconds if trained else 0.0,
                                       test_images, test_seconds, memory))  # fmt: skip
 

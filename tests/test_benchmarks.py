@@ -101,6 +101,26 @@ def test_configuration_errors_are_clear(tmp_path) -> None:
     assert next_run_folder(tmp_path, "x").name == "v1"  # never reuses an existing folder
 
 
+def test_protocol_variants_build_the_base_model_with_their_arguments() -> None:
+    from benchmarks.runner import build_ours, load_config, validate_config
+
+    config = load_config(preset="elpv_metaad_ablation")
+    assert config["models"][0] == "MetaAD"
+    assert len(config["models"]) == 12
+    config = {**config, "image_size": 64}
+    outer_off = build_ours("outer_off", config, 4)
+    cosine = build_ours("head_cosine", config, 2)
+    default = build_ours("MetaAD", config, 4)
+    assert type(outer_off).__name__ == "MetaAD"
+    assert outer_off.outer is False and default.outer is True
+    assert cosine.model.head_type == "cosine" and default.model.head_type == "distance"
+    assert cosine.k_shot == 2
+    with pytest.raises(ValueError, match="Variant 'bad' needs 'model:'"):
+        validate_config({**config, "variants": {"bad": {"model": "Nope"}}})
+    with pytest.raises(ValueError, match="Unknown models"):
+        validate_config({**config, "models": ["not_a_variant"]})
+
+
 def test_patch_knn_scores_a_pasted_defect_higher() -> None:
     from benchmarks.patch_knn import PatchKNNModel
 

@@ -1,7 +1,8 @@
-"""ResAD: training references, losses, bank handling, plain anomalib datamodules, checkpoints."""
+"""ResAD: training references, losses, VQ + EFDM, bank handling, plain anomalib datamodules, checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 
 from anomalib_cgad import ResAD
-from anomalib_cgad.components.reference_bank import BankMismatchError
+from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
+from anomalib_cgad.components.reference_bank import BankMismatchError, flatten_patches
 from anomalib_cgad.components.training_pool import ClassPool, TrainingPool
 from anomalib_cgad.data import CrossClass, make_synthetic_mvtec
 from anomalib_cgad.models.resad.loss import (
@@ -168,6 +170,221 @@ def test_presets_and_overrides() -> None:
     assert _resad(preset="paper", matching="cosine", backbone_weights=None).model.bank.matching == "cosine"
     with pytest.raises(ValueError, match="preset"):
         ResAD(preset="neurips")
+    # feature distribution matching: official on (1536 codes per level, third optimizer), paper off
+    assert official.model.codebook is not None
+    assert [official.model.codebook.codes(level).shape for level in range(2)] == [
+        (1536, c) for c in official.model.backbone.channels
+    ]
+    assert (official.model.fdm_alpha, official.model.codebook.beta) == (0.4, 0.25)
+    assert len(official.configure_optimizers()) == 3
+    assert paper.model.codebook is None
+    assert not any("codebook" in name for name in paper.state_dict())
+    assert len(paper.configure_optimizers()) == 2
+    assert _resad(preset="paper", fdm=True, fdm_codes=8, backbone_weights=None).model.codebook.num_codes == 8
+    assert _resad(fdm=False, backbone_weights=None).model.codebook is None
+
+
+# ----------------------------------------------------------------------------------------------- VQ + EFDM
+def test_efdm_keeps_ranks_per_image_and_channel_and_alpha_one_is_the_identity() -> None:
+    torch.manual_seed(0)
+    residual, codes = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6) * 3 + 2
+    matched = efdm(residual, codes, alpha=0.4)
+    assert matched.shape == residual.shape
+    assert torch.equal(matched.flatten(2).argsort(-1), residual.flatten(2).argsort(-1))
+    sorted_r, sorted_q = residual.flatten(2).sort(-1).values, codes.flatten(2).sort(-1).values
+    assert torch.allclose(matched.flatten(2).sort(-1).values, sorted_r + 0.6 * (sorted_q - sorted_r), atol=1e-6)
+    other = codes.clone()
+    other[1:] = 0  # other images do not matter: the matching is per image and channel
+    other[0, 1:] = 0
+    assert torch.equal(efdm(residual, other, alpha=0.4)[0, 0], matched[0, 0])
+    assert torch.equal(efdm(residual, codes, alpha=1.0), residual)
+    with pytest.raises(ValueError, match="alpha"):
+        efdm(residual, codes, alpha=1.5)
+
+
+def test_efdm_alpha_zero_gives_the_sorted_codes_in_the_rank_order_of_the_residual() -> None:
+    r = torch.tensor([3.0, 1.0, 2.0]).reshape(1, 1, 1, 3)
+    assert efdm(r, torch.tensor([10.0, 30.0, 20.0]).reshape(1, 1, 1, 3), alpha=0.0).flatten().tolist() == [
+        30.0, 10.0, 20.0,
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    residual = torch.randn(2, 3, 4, 4)
+    codes = torch.randint(0, 5, (2, 3, 4, 4)).float()  # ties, as in maps of nearest codes
+    matched = efdm(residual, codes, alpha=0.0)
+    order = residual.flatten(2).argsort(-1)
+    assert torch.equal(matched.flatten(2).gather(-1, order), codes.flatten(2).sort(-1).values)
+
+
+def test_efdm_ties_share_their_target_and_positions_permute_along() -> None:
+    """Tied residual values (exact zeros of squared residuals) get one value, whatever order the sort gives them."""
+    torch.manual_seed(0)
+    residual = torch.rand(2, 3, 6, 6).round(decimals=1)  # many ties
+    residual[:, :, :2] = 0
+    codes = torch.rand(2, 3, 6, 6)
+    matched = efdm(residual, codes, alpha=0.4)
+    values, targets = residual.flatten(2), matched.flatten(2)
+    for b, c in ((0, 0), (1, 2)):
+        for value in values[b, c].unique():
+            assert targets[b, c][values[b, c] == value].unique().numel() == 1
+    assert (targets.gather(-1, values.argsort(-1)).diff(dim=-1) >= 0).all()  # order kept, ties stay tied
+    assert torch.allclose(targets.sum(-1), 0.4 * values.sum(-1) + 0.6 * codes.flatten(2).sum(-1), atol=1e-5)
+    permutation = torch.randperm(36)
+    permuted = efdm(
+        values[..., permutation].reshape(2, 3, 6, 6), codes.flatten(2)[..., permutation].reshape(2, 3, 6, 6)
+    )
+    assert torch.allclose(permuted.flatten(2), targets[..., permutation], atol=1e-6)
+
+
+def test_codebook_and_efdm_export_to_openvino_with_ties(tmp_path) -> None:
+    """nearest + EFDM through torch.onnx (dynamo) and OpenVINO, dynamic sizes, tied inputs: same values as torch."""
+    ov = pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    codebook = ResidualCodebook([8], num_codes=16)
+    codebook.initialise([torch.rand(2, 8, 6, 6) * 3], [torch.ones(2, 6, 6, dtype=torch.bool)])
+
+    class Matching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.codebook = codebook
+
+        def forward(self, residual: torch.Tensor) -> torch.Tensor:
+            return efdm(residual, self.codebook.nearest(0, residual), alpha=0.4)
+
+    module = Matching().eval()
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    path = tmp_path / "efdm.onnx"
+    torch.onnx.export(module, (torch.rand(2, 8, 6, 6),), str(path), dynamo=True, opset_version=18,
+                      dynamic_shapes=(dims,))  # fmt: skip
+    compiled = ov.Core().compile_model(ov.convert_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    residual = (torch.rand(3, 8, 20, 12) * 3).round()
+    residual[:, :, :4] = 0
+    with torch.no_grad():
+        expected = module(residual)
+    assert abs(compiled([residual.numpy()])[0] - expected.numpy()).max() < 1e-5
+
+
+def test_nearest_code_matches_brute_force() -> None:
+    torch.manual_seed(0)
+    codebook = ResidualCodebook([6, 3], num_codes=20)
+    for level, channels in enumerate((6, 3)):
+        codes = codebook.codes(level)
+        with torch.no_grad():
+            codes.normal_()
+        residual = torch.randn(2, channels, 5, 4) * 2
+        residual[0, :, 0, 0] = codes[7].detach()  # a residual equal to a code maps onto it
+        rows = flatten_patches(residual)
+        brute = ((rows[:, None, :] - codes[None].detach()) ** 2).sum(-1).argmin(1)
+        nearest = codebook.nearest(level, residual)
+        assert nearest.shape == residual.shape
+        assert torch.equal(flatten_patches(nearest), codes.detach()[brute])
+        assert torch.equal(nearest[0, :, 0, 0], codes[7].detach())
+
+
+def test_codebook_loss_ignores_anomalous_positions_and_empty_levels() -> None:
+    torch.manual_seed(0)
+    codebook = ResidualCodebook([4, 4], num_codes=8, beta=0.25)
+    with torch.no_grad():
+        codebook.codes(0).uniform_(0, 1)
+    residual = torch.rand(2, 4, 3, 3)
+    normal = torch.ones(2, 3, 3, dtype=torch.bool)
+    normal[0, 1, 2] = normal[1, 0, 0] = False
+    spiked = residual.clone()
+    spiked[0, :, 1, 2], spiked[1, :, 0, 0] = 1e4, -1e4  # anomalous positions only
+    none = torch.zeros_like(normal)  # level 1: no normal position (the released code gets NaN there)
+    loss = codebook.loss([residual, residual], [normal, none])
+    assert torch.equal(loss, codebook.loss([spiked, spiked], [normal, none]))
+    rows = flatten_patches(residual)[normal.reshape(-1)]
+    codes = codebook.codes(0).detach()
+    nearest = codes[((rows[:, None] - codes[None]) ** 2).sum(-1).argmin(1)]
+    assert torch.isclose(loss, 1.25 * ((nearest - rows) ** 2).mean())  # (1 + β)·mse; only β trains the codes
+    loss.backward()
+    assert codebook.codes(1).grad is None
+    empty = codebook.loss([spiked, spiked], [none, none])
+    assert empty == 0
+    assert not empty.requires_grad
+
+
+def test_codebook_initialised_from_normal_residuals_converges() -> None:
+    """Codes drawn from normal residuals, then the β-loss with Adam, reach the noise floor of clustered data.
+
+    The released init U(−1/K, 1/K) with the same optimizer and steps stays far off (the reason for the data
+    initialisation, see the ResAD README).
+    """
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.rand(4, 8, generator=generator) * 10
+    noise = 0.5  # per-element variance of the clusters: 0.25, the best any 4 codes can do
+
+    def residuals(count: int) -> torch.Tensor:
+        rows = centres[torch.randint(4, (count * 16,), generator=generator)]
+        rows = rows + noise * torch.randn(count * 16, 8, generator=generator)
+        return rows.reshape(count, 4, 4, 8).permute(0, 3, 1, 2)
+
+    train, held_out = residuals(16), residuals(16)
+    anomalous = train.clone()
+    anomalous[:, :, 0] = 1e3  # row 0 of every image is an anomaly: never drawn, never fitted
+    normal = torch.ones(16, 4, 4, dtype=torch.bool)
+    normal[:, 0] = False
+    everywhere = torch.ones(16, 4, 4, dtype=torch.bool)
+
+    def fit(codebook: ResidualCodebook) -> float:
+        optimizer = torch.optim.Adam(codebook.param_groups(1e-2))  # ResAD's default fdm_lr
+        for _ in range(200):
+            loss = codebook.loss([anomalous], [normal])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return codebook.quantisation_error([held_out], [everywhere])
+
+    torch.manual_seed(0)
+    codebook = ResidualCodebook([8], num_codes=4)
+    released = copy.deepcopy(codebook)
+    assert codebook.codes(0).abs().max() <= 1 / 4
+    at_released_init = codebook.quantisation_error([held_out], [everywhere])
+    assert codebook.initialise([anomalous], [normal], generator=generator) == [0]
+    assert codebook.codes(0).abs().max() < 20  # drawn from normal rows only
+    at_init = codebook.quantisation_error([held_out], [everywhere])
+    fitted = fit(codebook)
+    print(f"quantisation error: released init {at_released_init:.3f}, data init {at_init:.3f}, fitted {fitted:.3f}")
+    assert at_init < 0.1 * at_released_init
+    assert fitted < 0.5 * at_init
+    assert fitted < 1.2 * noise**2
+    assert codebook.initialise([train], [everywhere]) == []  # initialised levels are never re-initialised
+    released_fitted = fit(released)
+    print(f"released init after the same 200 steps: {released_fitted:.3f}")
+    assert released_fitted > 10 * fitted
+
+
+def test_official_preset_trains_the_codebook_and_scores_with_efdm(cross_class, synthetic_root, tmp_path) -> None:
+    from anomalib_cgad.models.base import load_images
+
+    model, datamodule = _resad(), cross_class()
+    codebook = model.model.codebook
+    assert not codebook.initialised.any()
+    _engine(tmp_path, limit_train_batches=2, limit_val_batches=0).fit(model=model, datamodule=datamodule)
+    assert codebook.initialised.all()
+    assert all(codebook.codes(level).abs().max() > 1 / codebook.num_codes for level in range(2))
+    assert all(torch.isfinite(codebook.codes(level)).all() for level in range(2))
+
+    model.eval()
+    model.set_references(datamodule.reference_images("test", 0))
+    paths = sorted((synthetic_root / "waves" / "test").rglob("*.png"))[:4]
+    query = model.pre_processor.transform(load_images(paths, SIZE))
+    with torch.no_grad():
+        features = model.model.backbone(query)
+        raw = model.model.bank.residuals(features)
+        used = model.model.level_outputs(features, model.model.bank_tensors())[0]
+        output = model.model(query)
+        model.model.train()
+        unmatched = model.model.level_outputs(features, model.model.bank_tensors())[0]
+        model.model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(unmatched, raw, strict=True))  # training never applies EFDM
+    assert all(not torch.equal(a, b) for a, b in zip(used, raw, strict=True))
+    assert all(
+        torch.equal(a, efdm(b, codebook.nearest(level, b), 0.4))
+        for level, (a, b) in enumerate(zip(used, raw, strict=True))
+    )
+    assert torch.isfinite(output.pred_score).all()
+    assert torch.isfinite(output.anomaly_map).all()
 
 
 def test_forward_scores_against_the_bank_it_is_given(synthetic_root) -> None:
@@ -248,6 +465,8 @@ def test_checkpoint_tested_on_another_class_uses_that_class_references(cross_cla
     )
     assert torch.equal(fresh.model.logp_max, model.model.logp_max)
     assert results["image_AUROC"] >= 0.9, results
+    assert fresh.model.codebook.initialised.all()  # the official preset's codebook travels with the checkpoint
+    assert all(torch.equal(fresh.model.codebook.codes(level), model.model.codebook.codes(level)) for level in range(2))
 
     reloaded = ResAD.load_from_checkpoint(ckpt, visualizer=False)
     reloaded.pre_processor = ResAD.configure_pre_processor(SIZE)

@@ -59,6 +59,10 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         learn_temperature (bool): learn ``T``. Defaults to ``True``.
         odin (bool): one ODIN step before scoring (ε = 2e-3). Defaults to ``True``.
         image_score (str): ``"max"`` of the smoothed map or ``"top1p"`` (mean of its top 1%). Defaults to ``"max"``.
+        head (str): normality logit: ``"distance"`` ``z = s(ρ − ‖f_θ(x)‖/ν)`` with a bias-free encoder, or
+            ``"cosine"`` ``z = s·cos(w, f_θ(x))`` (metaad.md §9.3). Defaults to ``"distance"`` (README: measured).
+        score (str): patch score ``"logit"`` (``−z/T``) or ``"confidence"`` (``1 − σ(z/T)``, metaad.md §10.1).
+            Defaults to ``"logit"``.
         inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
         anomalies_per_class (int): anomalies per OOD class and episode (K_anom). Real labelled anomalies of
             the class are used when the training set has them, synthetic Perlin ones otherwise. ``0`` = the
@@ -93,6 +97,8 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         learn_temperature: bool = True,
         odin: bool = True,
         image_score: str = "max",
+        head: str = "distance",
+        score: str = "logit",
         inner_queries: int = 8,
         anomalies_per_class: int = 2,
         reconstruction_weight: float = 0.1,
@@ -153,6 +159,8 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             odin_eps=2e-3 if odin else 0.0,
             learn_temperature=learn_temperature,
             image_score=image_score,
+            head=head,
+            score=score,
         )
         self.automatic_optimization = False
         self.sampler: EpisodeSampler | None = None
@@ -191,11 +199,27 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         self.model.mean.copy_(mean.float())
         self.model.std.copy_(variance.clamp(min=0).sqrt().float().clamp(min=1e-6))
 
+    @torch.no_grad()
+    def _fit_latent_scale(self, queries: int = 8) -> None:
+        """Distance head: ``ν`` = median ``‖f_θ(x)‖`` of training-normal residual patches at initialisation.
+
+        A fixed unit for the radius, so that ``z = s(ρ − ‖u‖/ν)`` starts near ``s(ρ − 1)`` on normals whatever
+        the backbone's feature scale (like the per-channel standardisation of the inputs).
+        """
+        if self.model.head_type != "distance":
+            return
+        norms = []
+        for category in self.training_pool.classes:
+            x, coverage = self._class_inputs(category, self.k_shot, queries, 0, prefer_real=False)
+            norms.append(self.model.encoder(x).norm(dim=1)[coverage == 0])
+        self.model.latent_scale.copy_(torch.cat(norms).median().clamp(min=1e-6))
+
     def on_train_start(self) -> None:
         """Encode the training classes once, fit the standardisation, set up the episode sampler."""
         if self.training_pool is None:
             self.build_training_pool(self.synthetic_per_class, self.seed)
             self._fit_standardisation()
+            self._fit_latent_scale()
         if self.sampler is None:
             self.sampler = EpisodeSampler(
                 list(self.training_pool.classes), direction=self.direction, k_choices=self.k_choices, seed=self.seed
@@ -218,7 +242,7 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         # supervised negatives are synthetic (metaad.md §3): real labelled anomalies stay for the outer level
         x, coverage = self._class_inputs(category, k, self.inner_queries, n_anomalous, prefer_real=False)
         u = self.model.encoder(x)
-        z = self.model.logit_scale * torch.einsum("bchw,c->bhw", F.normalize(u, dim=1), self.model.unit_head())
+        z = self.model.logits_from_latent(u)
         normal = coverage == 0
         loss = F.binary_cross_entropy_with_logits(z[normal], torch.ones_like(z[normal]))
         if self.inner_mode == "supervised" and (coverage >= 0.5).any():

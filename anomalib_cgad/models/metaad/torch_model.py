@@ -7,11 +7,16 @@ Pipeline (metaad.md §9-10):
    training-class normal patches), both buffers;
 3. ``input="residual"`` (default): patch minus its nearest reference patch (cosine) in that space; ``"raw"``:
    the standardised patch itself;
-4. encoder ``f_θ`` = 1×1 conv MLP ``C_in → 256 → 128`` (ReLU), latent ``u``; normality logit
-   ``z = s·cos(w, u)`` with a unit-norm head row ``w`` and scale ``s = 10`` (bounded: cannot collapse by
-   rescaling);
+4. encoder ``f_θ`` = 1×1 conv MLP ``C_in → 256 → 128`` (ReLU), latent ``u``; normality logit, by ``head``:
+   ``"distance"`` (default) ``z = s·(ρ − ‖u‖/ν)`` with a bias-free encoder (so ``f_θ(0) = 0``: a residual
+   equal to zero, i.e. a patch identical to a reference, is maximally normal, and ``‖u‖`` grows with the
+   residual's size), a learned radius ``ρ`` and a fixed latent scale ``ν`` (median ‖u‖ of training normals
+   at the start of training); ``"cosine"`` (the spec's form) ``z = s·cos(w, u)`` with a unit-norm head row
+   ``w``; ``s = 10``;
 5. one ODIN step ``x̃ = x + ε·sign(z)·sign(∇_x z)`` with the gradient in closed form (plain tensor algebra,
-   so it exports), then the patch score ``1 − σ(z(x̃)/T)``;
+   so it exports), then the patch score: ``score="logit"`` (default) ``−z(x̃)/T``, or ``"confidence"``
+   ``1 − σ(z(x̃)/T)`` (the spec's form; same order per patch, but it saturates in float32 once
+   ``|z/T| ≳ 17``, which ties the smoothed maps);
 6. bilinear up-sampling, Gaussian smoothing (σ = 4), image score = max of the map.
 
 Example:
@@ -37,15 +42,17 @@ from anomalib_cgad.components.reference_bank import ReferenceBank
 from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
 
 INPUTS = ("residual", "raw")
+HEADS = ("distance", "cosine")
+SCORES = ("logit", "confidence")
 
 
 class PatchEncoder(nn.Module):
     """``C_in → hidden → latent`` per-patch MLP (1×1 convolutions) with a decoder for the reconstruction term."""
 
-    def __init__(self, in_channels: int, hidden: int = 256, latent: int = 128) -> None:
+    def __init__(self, in_channels: int, hidden: int = 256, latent: int = 128, bias: bool = True) -> None:
         super().__init__()
-        self.first = nn.Conv2d(in_channels, hidden, 1)
-        self.last = nn.Conv2d(hidden, latent, 1)
+        self.first = nn.Conv2d(in_channels, hidden, 1, bias=bias)
+        self.last = nn.Conv2d(hidden, latent, 1, bias=bias)
         self.decoder = nn.Sequential(nn.Conv2d(latent, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, in_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +73,9 @@ class MetaADModel(nn.Module):
         odin_eps (float): ODIN step size on standardised features (0 = temperature-only). Defaults to ``2e-3``.
         learn_temperature (bool): learn ``T``. Defaults to ``True``.
         image_score (str): ``"max"`` or ``"top1p"`` (mean of the top 1% of the map). Defaults to ``"max"``.
+        head (str): ``"distance"`` or ``"cosine"`` normality logit (see the module docstring). Defaults to
+            ``"distance"``.
+        score (str): ``"logit"`` or ``"confidence"`` patch score. Defaults to ``"logit"``.
     """
 
     def __init__(
@@ -79,8 +89,16 @@ class MetaADModel(nn.Module):
         odin_eps: float = 2e-3,
         learn_temperature: bool = True,
         image_score: str = "max",
+        head: str = "distance",
+        score: str = "logit",
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            msg = f"head must be one of {HEADS}, got '{head}'."
+            raise ValueError(msg)
+        if score not in SCORES:
+            msg = f"score must be one of {SCORES}, got '{score}'."
+            raise ValueError(msg)
         if input_mode not in INPUTS:
             msg = f"input_mode must be one of {INPUTS}, got '{input_mode}'."
             raise ValueError(msg)
@@ -96,8 +114,14 @@ class MetaADModel(nn.Module):
         self.register_buffer("std", torch.ones(in_channels))
         self.bank = ReferenceBank(1, matching="cosine", residual="diff")
         self.input_mode = input_mode
-        self.encoder = PatchEncoder(in_channels)
-        self.head = nn.Parameter(F.normalize(torch.randn(128, generator=generator), dim=0))
+        self.head_type = head
+        self.score = score
+        self.encoder = PatchEncoder(in_channels, bias=head == "cosine")
+        if head == "cosine":
+            self.head = nn.Parameter(F.normalize(torch.randn(128, generator=generator), dim=0))
+        else:  # radius ρ in units of the latent scale ν
+            self.head = nn.Parameter(torch.tensor(1.5))
+        self.register_buffer("latent_scale", torch.ones(()))
         self.logit_scale = logit_scale
         self.odin_eps = odin_eps
         self.temperature = BoundedTemperature(1.0, learn=learn_temperature)
@@ -132,25 +156,39 @@ class MetaADModel(nn.Module):
         """The unit-norm logit-difference row ``w``."""
         return F.normalize(self.head, dim=0)
 
+    def logits_from_latent(self, u: torch.Tensor) -> torch.Tensor:
+        """Normality logit ``z`` per patch ``(B, H, W)`` of a latent map ``u`` ``(B, L, H, W)``."""
+        if self.head_type == "cosine":
+            return self.logit_scale * torch.einsum("bchw,c->bhw", F.normalize(u, dim=1), self.unit_head())
+        return self.logit_scale * (self.head - u.norm(dim=1) / self.latent_scale)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Normality logit ``z = s·cos(w, f_θ(x))`` per patch, ``(B, H, W)``."""
-        u = self.encoder(x)
-        return self.logit_scale * torch.einsum("bchw,c->bhw", F.normalize(u, dim=1), self.unit_head())
+        """Normality logit ``z`` per patch of head inputs ``x``, ``(B, H, W)``."""
+        return self.logits_from_latent(self.encoder(x))
 
     def logit_input_gradient(self, x: torch.Tensor) -> torch.Tensor:
         """Closed-form ``∇_x z`` per patch (no autograd; exportable).
 
-        For ``u = W2·ReLU(W1 x + b1) + b2``, ``û = u/‖u‖`` and ``z = s·wᵀû``:
-        ``∂z/∂u = s(w − (wᵀû)û)/‖u‖`` and ``∇_x z = W1ᵀ(1[W1 x + b1 > 0] ⊙ W2ᵀ ∂z/∂u)``.
+        For ``u = W2·ReLU(W1 x + b1) + b2``: ``∇_x z = W1ᵀ(1[W1 x + b1 > 0] ⊙ W2ᵀ ∂z/∂u)`` with, for the
+        cosine head (``û = u/‖u‖``, ``z = s·wᵀû``), ``∂z/∂u = s(w − (wᵀû)û)/‖u‖``, and for the distance head
+        (``z = s(ρ − ‖u‖/ν)``), ``∂z/∂u = −s·û/ν``.
         """
-        w1 = self.encoder.first.weight[:, :, 0, 0]
-        w2 = self.encoder.last.weight[:, :, 0, 0]
-        pre = torch.einsum("hc,bcxy->bhxy", w1, x) + self.encoder.first.bias[None, :, None, None]
-        u = torch.einsum("lh,bhxy->blxy", w2, F.relu(pre)) + self.encoder.last.bias[None, :, None, None]
+        first, last = self.encoder.first, self.encoder.last
+        w1 = first.weight[:, :, 0, 0]
+        w2 = last.weight[:, :, 0, 0]
+        pre = torch.einsum("hc,bcxy->bhxy", w1, x)
+        if first.bias is not None:
+            pre = pre + first.bias[None, :, None, None]
+        u = torch.einsum("lh,bhxy->blxy", w2, F.relu(pre))
+        if last.bias is not None:
+            u = u + last.bias[None, :, None, None]
         norm = u.norm(dim=1, keepdim=True).clamp(min=1e-12)
         u_hat = u / norm
-        w = self.unit_head()[None, :, None, None]
-        grad_u = self.logit_scale * (w - (w * u_hat).sum(1, keepdim=True) * u_hat) / norm
+        if self.head_type == "cosine":
+            w = self.unit_head()[None, :, None, None]
+            grad_u = self.logit_scale * (w - (w * u_hat).sum(1, keepdim=True) * u_hat) / norm
+        else:
+            grad_u = -self.logit_scale * u_hat / self.latent_scale
         grad_hidden = torch.einsum("lh,blxy->bhxy", w2, grad_u) * (pre > 0).to(x.dtype)
         return torch.einsum("hc,bhxy->bcxy", w1, grad_hidden)
 
@@ -187,8 +225,8 @@ class MetaADModel(nn.Module):
     def forward_with_bank(self, images: torch.Tensor, bank: Sequence[torch.Tensor]) -> InferenceBatch:
         """Score normalised ``images`` against an explicit bank."""
         x = self.inputs(self.embed(images), bank[0])
-        z = self.logits(self.odin(x))
-        scores = (1 - torch.sigmoid(z / self.temperature())).unsqueeze(1)
+        z = self.logits(self.odin(x)) / self.temperature()
+        scores = (-z if self.score == "logit" else 1 - torch.sigmoid(z)).unsqueeze(1)
         anomaly_map = self.anomaly_map_generator([scores], images.shape[-2:])
         flat = anomaly_map.flatten(1)
         if self.image_score == "top1p":

@@ -3,7 +3,9 @@
 ResAD matches every patch feature of an image to its nearest patch among k normal reference images of the
 *same* class and learns the distribution of the residuals with a feature constraintor and a conditional
 normalizing flow. Residuals of normal patches look alike across classes, so the model trained on some
-classes scores an unseen class from its k references, with no retraining.
+classes scores an unseen class from its k references, with no retraining. The ``official`` preset adds the
+released code's (ResAD++) feature distribution matching: a codebook of normal training residuals and, at test
+time, EFDM of the residuals towards it (:mod:`anomalib_cgad.components.distribution_matching`).
 
 Example:
     >>> from anomalib.engine import Engine
@@ -49,13 +51,21 @@ from anomalib_cgad.models.resad.torch_model import ResADModel
 logger = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"matching": "l2", "residual": "diff", "occ": "paper", "flow_loss": "paper", "score": "likelihood"},
+    "paper": {
+        "matching": "l2",
+        "residual": "diff",
+        "occ": "paper",
+        "flow_loss": "paper",
+        "score": "likelihood",
+        "fdm": False,
+    },
     "official": {
         "matching": "cosine",
         "residual": "sq_diff",
         "occ": "log_barrier",
         "flow_loss": "official",
         "score": "merged",
+        "fdm": True,
     },
 }
 
@@ -65,8 +75,9 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
 
     Args:
         preset (str): ``"official"`` (cosine matching, squared residual, log-barrier OCC, ψ-NLL + abnormal
-            density + focal, merged score) or ``"paper"`` (L2 matching, signed residual, pseudo-Huber OCC,
-            NLL + BG-SPP hinge, likelihood score). Defaults to ``"official"``.
+            density + focal, merged score, VQ + EFDM distribution matching) or ``"paper"`` (L2 matching, signed
+            residual, pseudo-Huber OCC, NLL + BG-SPP hinge, likelihood score, no distribution matching).
+            Defaults to ``"official"``.
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
         layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
@@ -82,13 +93,28 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             Defaults to ``4``.
         synthetic_per_class (int): synthetic (Perlin) anomalies made per training class. Defaults to ``16``.
         fiber_batch (int): flow rows per optimiser step (the remainder chunk is kept). Defaults to ``8192``.
-        seed (int): seed of reference draws and synthetic anomalies. Defaults to ``0``.
+        seed (int): seed of reference draws, synthetic anomalies and the codebook initialisation. Defaults to ``0``.
         matching, residual, occ, flow_loss, score (str | None): override single preset entries.
+        fdm (bool | None): ResAD++'s feature distribution matching: a codebook of normal training residuals per
+            level, and EFDM of the test residuals towards it before the constraintor (resad.md §5). ``None``
+            takes the preset's value (``official``: on, ``paper``: off). Defaults to ``None``.
+        fdm_codes (int): codes per level. Defaults to ``1536``.
+        fdm_alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
+        fdm_beta (float): weight β of the codebook term of the VQ loss. Defaults to ``0.25``.
+        fdm_lr (float): learning rate of the codebook's Adam, relative to the spread of each level's residuals
+            (level ``l`` uses ``fdm_lr · std_l``; see Notes). Defaults to ``1e-2``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components. Default ``True``.
 
     Notes:
         ``learning_type`` is ``ONE_CLASS`` so that ``Engine.train`` fits the model on the source classes;
         testing on an unseen class needs only its k references.
+
+        Codebook training (``fdm``) deviates from the released code on purpose: instead of codes drawn from
+        ``U(−1/K, 1/K)`` (≈ 0, which a short run never moves onto residuals of scale ~1–10, so that EFDM would
+        drag test residuals towards 0), the first training step sets the codes to randomly drawn normal
+        residuals of that step; from then on the β-term of the VQ loss trains them with their own Adam
+        (no weight decay, learning rate ``fdm_lr · std_l`` per level). The codebook is saved in checkpoints
+        together with its ``initialised`` flags, so a reloaded or resumed model is not re-initialised.
     """
 
     demo_epochs = 6
@@ -116,6 +142,11 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         occ: str | None = None,
         flow_loss: str | None = None,
         score: str | None = None,
+        fdm: bool | None = None,
+        fdm_codes: int = 1536,
+        fdm_alpha: float = 0.4,
+        fdm_beta: float = 0.25,
+        fdm_lr: float = 1e-2,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: nn.Module | bool = True,
@@ -139,6 +170,8 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
                 options[key] = value
         if score is not None:
             options["score"] = score
+        if fdm is not None:
+            options["fdm"] = bool(fdm)
         self.options = options
         self.k_shot = k_shot
         self.train_k_shot = train_k_shot
@@ -150,6 +183,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         self.synthetic_per_class = synthetic_per_class
         self.fiber_batch = fiber_batch
         self.seed = seed
+        self.fdm_lr = fdm_lr
         self.model = ResADModel(
             backbone=backbone,
             layers=layers,
@@ -159,19 +193,31 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             coupling_blocks=coupling_blocks,
             condition_dim=condition_dim,
             score=options["score"],
+            fdm=options["fdm"],
+            fdm_codes=fdm_codes,
+            fdm_alpha=fdm_alpha,
+            fdm_beta=fdm_beta,
         )
         self.automatic_optimization = False
         self._boundaries = [BoundaryEMA() for _ in self.model.backbone.channels]
         self._epoch_logp_max: torch.Tensor | None = None
+        self._codebook_generator: torch.Generator | None = None
         self._init_references()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """One Adam for the constraintor, one for the flows (the flow sees detached features; resad.md §7)."""
+        """One Adam for the constraintor, one for the flows (the flow sees detached features; resad.md §7).
+
+        With ``fdm`` a third Adam trains the codebook: one group per level, learning rate ``fdm_lr · std_l``,
+        no weight decay (decay would pull the codes towards 0, the bias the data initialisation removes).
+        """
         constraintor = torch.optim.Adam(
             self.model.constraintor.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
         flow = torch.optim.Adam(self.model.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return [constraintor, flow]
+        if self.model.codebook is None:
+            return [constraintor, flow]
+        codebook = torch.optim.Adam(self.model.codebook.param_groups(self.fdm_lr), weight_decay=0.0)
+        return [constraintor, flow, codebook]
 
     def on_train_start(self) -> None:
         """Encode the training classes once (references, anomalies)."""
@@ -256,11 +302,41 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         ]
         return batched_residual_features(feats, banks, self.model.bank.matching, self.model.bank.residual)
 
+    def _codebook_step(
+        self,
+        optimizer,
+        residual_maps: list[torch.Tensor],
+        coverage: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """VQ update of the codebook on the normal positions of the (pre-constraintor) residuals.
+
+        Levels not yet initialised are first set to randomly drawn normal residuals of this step (see Notes
+        of the class), and the optimizer's per-level learning rates follow their spread.
+        """
+        codebook = self.model.codebook
+        normal = [c < 0.5 for c in coverage]
+        if not bool(codebook.initialised.all()):
+            if self._codebook_generator is None:
+                self._codebook_generator = torch.Generator().manual_seed(self.seed)
+            if codebook.initialise(residual_maps, normal, generator=self._codebook_generator):
+                codebook.update_learning_rates(getattr(optimizer, "optimizer", optimizer), self.fdm_lr)
+        loss = codebook.loss(residual_maps, normal)
+        if loss.requires_grad:
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss.detach()
+
     def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One step: constraintor OCC update, then chunked flow updates on the detached features."""
+        """One step: codebook VQ update (``fdm``), constraintor OCC update, then chunked flow updates.
+
+        The codebook and the constraintor see the same residuals; EFDM is never applied in training.
+        """
         del args, kwargs
-        opt_constraintor, opt_flow = self.optimizers()
+        opt_constraintor, opt_flow, *opt_codebook = self.optimizers()
         residual_maps, coverage = self._training_rows(batch)
+        if opt_codebook:
+            self.log("train_vq", self._codebook_step(opt_codebook[0], residual_maps, coverage))
         constrained = self.model.constraintor(residual_maps)
         occ_fn = occ_paper if self.options["occ"] == "paper" else occ_log_barrier
         occ = sum(

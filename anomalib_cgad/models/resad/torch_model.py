@@ -1,5 +1,10 @@
 """PyTorch model of ResAD: residual features → feature constraintor → conditional flow → anomaly map.
 
+With ``fdm=True`` (the ``official`` preset of the lightning module) the model also holds ResAD++'s residual
+codebook, and in eval mode every residual map is moved towards the codes by EFDM before the constraintor
+(:mod:`anomalib_cgad.components.distribution_matching`). This happens inside :meth:`ResADModel.level_outputs`,
+so ``forward``, ``forward_with_bank`` and the exported graphs all include it; training never applies it.
+
 Example:
     >>> import torch
     >>> from anomalib_cgad.models.resad.torch_model import ResADModel
@@ -19,6 +24,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, FeatureExtractor
+from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
 from anomalib_cgad.components.flow import ConditionalFlow
 from anomalib_cgad.components.reference_bank import ReferenceBank
 from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
@@ -51,12 +57,19 @@ class ResADModel(nn.Module):
         score (str): ``"likelihood"`` (S1 = Σ_l 1 − exp(logp̄_l − m_l)) or ``"merged"`` ((S1 + S2)/2 with
             S2 = mean_l σ(mean_c z − ½), the official code's score). Defaults to ``"merged"``.
         sigma (float): Gaussian smoothing of the map. Defaults to ``4``.
+        fdm (bool): hold a residual codebook and apply EFDM to the residuals in eval mode (ResAD++'s feature
+            distribution matching, resad.md §5). Defaults to ``False`` (the lightning ``ResAD`` turns it on in
+            its ``official`` preset).
+        fdm_codes (int): codes per level. Defaults to ``1536``.
+        fdm_alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
+        fdm_beta (float): weight of the codebook term of the VQ loss. Defaults to ``0.25``.
 
     Attributes:
         backbone (FeatureExtractor): frozen feature extractor.
         bank (ReferenceBank): k-shot reference patches of the current class.
         constraintor (FeatureConstraintor): per-level Conv-BN-ReLU.
         flow (ConditionalFlow): per-level conditional normalizing flow.
+        codebook (ResidualCodebook | None): per-level codes of normal training residuals (``fdm=True`` only).
         logp_max (torch.Tensor): per-level normaliser ``m_l`` (max ``logp̄`` on training normals).
     """
 
@@ -71,16 +84,25 @@ class ResADModel(nn.Module):
         condition_dim: int = 128,
         score: str = "merged",
         sigma: float = 4.0,
+        fdm: bool = False,
+        fdm_codes: int = 1536,
+        fdm_alpha: float = 0.4,
+        fdm_beta: float = 0.25,
     ) -> None:
         super().__init__()
         if score not in {"likelihood", "merged"}:
             msg = f"score must be 'likelihood' or 'merged', got '{score}'."
+            raise ValueError(msg)
+        if not 0.0 <= fdm_alpha <= 1.0:
+            msg = f"fdm_alpha must lie in [0, 1], got {fdm_alpha}."
             raise ValueError(msg)
         self.backbone = FeatureExtractor(backbone, layers, backbone_weights)
         channels = self.backbone.channels
         self.bank = ReferenceBank(len(channels), matching=matching, residual=residual)
         self.constraintor = FeatureConstraintor(channels)
         self.flow = ConditionalFlow(channels, coupling_blocks=coupling_blocks, condition_dim=condition_dim)
+        self.codebook = ResidualCodebook(channels, num_codes=fdm_codes, beta=fdm_beta) if fdm else None
+        self.fdm_alpha = fdm_alpha
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
         self.score = score
         self.register_buffer("logp_max", torch.zeros(len(channels)))
@@ -110,13 +132,28 @@ class ResADModel(nn.Module):
         }
 
     # ----------------------------------------------------------------- scoring
+    def match_distribution(self, residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """EFDM of every level's residual map towards its nearest codes (identity without a codebook)."""
+        if self.codebook is None:
+            return list(residuals)
+        return [
+            efdm(residual, self.codebook.nearest(level, residual), self.fdm_alpha)
+            for level, residual in enumerate(residuals)
+        ]
+
     def level_outputs(
         self,
         features: Sequence[torch.Tensor],
         bank: Sequence[torch.Tensor],
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Residuals, constrained features, ``logp̄`` maps and ``mean_c(z)`` maps, per level."""
+        """Residuals, constrained features, ``logp̄`` maps and ``mean_c(z)`` maps, per level.
+
+        In eval mode, with a codebook, the returned residuals are the EFDM-matched ones that the constraintor
+        sees (training never applies EFDM; resad.md §5).
+        """
         residuals = self.bank.residuals(features, bank)
+        if self.codebook is not None and not self.training:
+            residuals = self.match_distribution(residuals)
         constrained = self.constraintor(residuals)
         logps, zmeans = [], []
         for level, feature in enumerate(constrained):
