@@ -31,6 +31,8 @@ import timm
 import torch
 from torch import nn
 
+from anomalib_cgad.safe_load import load_weights_only
+
 logger = logging.getLogger(__name__)
 
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
@@ -73,14 +75,13 @@ def offline_lite0_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        msg = f"Backbone checkpoint '{path}' does not exist."
-        raise BackboneWeightsError(msg)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        msg = f"Could not read backbone checkpoint '{path}': {exc}"
-        raise BackboneWeightsError(msg) from exc
+    state = load_weights_only(
+        path,
+        BackboneWeightsError,
+        missing="Backbone checkpoint '{path}' does not exist.",
+        unreadable="Could not read backbone checkpoint '{path}': {exc}",
+        missing_error=BackboneWeightsError,
+    )
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

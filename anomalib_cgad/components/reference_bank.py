@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
+from anomalib_cgad.safe_load import load_weights_only
+
 MATCHING = ("l2", "cosine")
 RESIDUAL = ("diff", "sq_diff")
 BANK_FORMAT = "anomalib-cgad-bank/1"
@@ -231,14 +233,12 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
             BankMismatchError: not a bank file, or built with another backbone/layers/image size.
         """
         path = Path(path)
-        if not path.is_file():
-            msg = f"Bank file '{path}' does not exist."
-            raise FileNotFoundError(msg)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            msg = f"'{path}' is not a readable reference bank file: {exc}"
-            raise BankMismatchError(msg) from exc
+        payload = load_weights_only(
+            path,
+            BankMismatchError,
+            missing="Bank file '{path}' does not exist.",
+            unreadable="'{path}' is not a readable reference bank file: {exc}",
+        )
         if not isinstance(payload, dict) or payload.get("format") != BANK_FORMAT:
             msg = f"'{path}' is not an anomalib-cgad reference bank file."
             raise BankMismatchError(msg)

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_cgad.components.training_pool import TrainingPool
+from anomalib_cgad.safe_load import load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -351,14 +352,12 @@ class ReferenceMixin:
         if not isinstance(checkpoint_path, str | Path) or "://" in str(checkpoint_path):
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # file objects, remote URLs
         path = Path(checkpoint_path)
-        if not path.is_file():
-            msg = f"Checkpoint '{path}' does not exist."
-            raise FileNotFoundError(msg)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            msg = f"'{path}' cannot be read as a checkpoint with weights_only=True: {type(exc).__name__}: {exc}"
-            raise CheckpointMismatchError(msg) from exc
+        checkpoint = load_weights_only(
+            path,
+            CheckpointMismatchError,
+            missing="Checkpoint '{path}' does not exist.",
+            unreadable="'{path}' cannot be read as a checkpoint with weights_only=True: {kind}: {exc}",
+        )
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             msg = f"'{path}' is not a Lightning checkpoint (no 'state_dict')."
             raise CheckpointMismatchError(msg)
