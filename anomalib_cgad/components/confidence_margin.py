@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalib_cgad.validation import check_choice
+
 MARGINS = ("mean_gap", "pairwise", "energy")
 
 
@@ -64,9 +66,7 @@ def confidence_margin_loss(
     energy_margins: tuple[float, float] = (-2.0, 2.0),
 ) -> torch.Tensor:
     """Outer loss on normality logits of ID normals and OOD anomalies (see module docstring)."""
-    if margin not in MARGINS:
-        msg = f"margin must be one of {MARGINS}, got '{margin}'."
-        raise ValueError(msg)
+    check_choice("margin", margin, MARGINS)
     id_logit, ood_logit = z_id / temperature, z_ood / temperature
     loss = F.binary_cross_entropy_with_logits(id_logit, torch.ones_like(id_logit))
     loss = loss + F.binary_cross_entropy_with_logits(ood_logit, torch.zeros_like(ood_logit))

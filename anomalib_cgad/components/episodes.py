@@ -32,6 +32,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from anomalib_cgad.validation import check_choice
+
 DIRECTIONS = ("multi", "single")
 
 
@@ -65,9 +67,7 @@ class EpisodeSampler:
         k_choices: Sequence[int] = (1, 2, 4, 8),
         seed: int = 0,
     ) -> None:
-        if direction not in DIRECTIONS:
-            msg = f"direction must be one of {DIRECTIONS}, got '{direction}'."
-            raise ValueError(msg)
+        check_choice("direction", direction, DIRECTIONS)
         if not classes:
             msg = "The episode sampler needs at least one training class."
             raise ValueError(msg)

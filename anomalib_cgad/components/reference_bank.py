@@ -38,6 +38,7 @@ from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 from anomalib_cgad.safe_load import load_weights_only
+from anomalib_cgad.validation import check_choice
 
 MATCHING = ("l2", "cosine")
 RESIDUAL = ("diff", "sq_diff")
@@ -160,12 +161,8 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
 
     def __init__(self, num_levels: int, matching: str = "l2", residual: str = "diff") -> None:
         super().__init__()
-        if matching not in MATCHING:
-            msg = f"matching must be one of {MATCHING}, got '{matching}'."
-            raise ValueError(msg)
-        if residual not in RESIDUAL:
-            msg = f"residual must be one of {RESIDUAL}, got '{residual}'."
-            raise ValueError(msg)
+        check_choice("matching", matching, MATCHING)
+        check_choice("residual", residual, RESIDUAL)
         self.num_levels = num_levels
         self.matching = matching
         self.residual = residual

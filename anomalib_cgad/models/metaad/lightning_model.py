@@ -34,6 +34,7 @@ from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
+from anomalib_cgad.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +114,12 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         evaluator: nn.Module | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if inner_mode not in INNER_MODES:
-            msg = f"inner_mode must be one of {INNER_MODES}, got '{inner_mode}'."
-            raise ValueError(msg)
+        check_choice("inner_mode", inner_mode, INNER_MODES)
         if k_shot < 1 or min(k_choices) < 1:
             msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
             raise ValueError(msg)
-        if direction not in DIRECTIONS:
-            msg = f"direction must be one of {DIRECTIONS}, got '{direction}'."
-            raise ValueError(msg)
-        if margin not in MARGINS:
-            msg = f"margin must be one of {MARGINS}, got '{margin}'."
-            raise ValueError(msg)
+        check_choice("direction", direction, DIRECTIONS)
+        check_choice("margin", margin, MARGINS)
         if anomalies_per_class < 0:
             msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
             raise ValueError(msg)

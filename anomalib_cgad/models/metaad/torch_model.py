@@ -40,6 +40,7 @@ from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, Feat
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
 from anomalib_cgad.components.reference_bank import ReferenceBank
 from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
+from anomalib_cgad.validation import check_choice
 
 INPUTS = ("residual", "raw")
 HEADS = ("distance", "cosine")
@@ -93,15 +94,9 @@ class MetaADModel(nn.Module):
         score: str = "logit",
     ) -> None:
         super().__init__()
-        if head not in HEADS:
-            msg = f"head must be one of {HEADS}, got '{head}'."
-            raise ValueError(msg)
-        if score not in SCORES:
-            msg = f"score must be one of {SCORES}, got '{score}'."
-            raise ValueError(msg)
-        if input_mode not in INPUTS:
-            msg = f"input_mode must be one of {INPUTS}, got '{input_mode}'."
-            raise ValueError(msg)
+        check_choice("head", head, HEADS)
+        check_choice("score", score, SCORES)
+        check_choice("input_mode", input_mode, INPUTS)
         if image_score not in {"max", "top1p"}:
             msg = f"image_score must be 'max' or 'top1p', got '{image_score}'."
             raise ValueError(msg)

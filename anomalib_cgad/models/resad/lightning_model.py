@@ -47,6 +47,7 @@ from anomalib_cgad.models.resad.loss import (
     occ_paper,
 )
 from anomalib_cgad.models.resad.torch_model import ResADModel
+from anomalib_cgad.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +153,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         evaluator: nn.Module | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if preset not in PRESETS:
-            msg = f"preset must be one of {sorted(PRESETS)}, got '{preset}'."
-            raise ValueError(msg)
+        check_choice("preset", preset, sorted(PRESETS))
         if k_shot < 1 or train_k_shot < 1:
             msg = f"k_shot and train_k_shot must be >= 1 (got {k_shot}, {train_k_shot})."
             raise ValueError(msg)
