@@ -477,6 +477,14 @@ def mean_row(rows: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- models
+def resolve_model(name: str, config: dict) -> tuple[str, dict]:
+    """Base model name and constructor arguments of ``name``: a protocol variant or a model with ``model_args``."""
+    variant = (config.get("variants") or {}).get(name)
+    if variant is not None:
+        return variant["model"], dict(variant.get("args") or {})
+    return name, dict(config.get("model_args", {}).get(name, {}))
+
+
 def build_ours(name: str, config: dict, k: int):
     """A fresh CGAD / ResAD / MetaAD / PatchKNN at the benchmark's image size (visualizer off).
 
@@ -484,11 +492,7 @@ def build_ours(name: str, config: dict, k: int):
     the base model built with those constructor arguments, e.g. for ablations.
     """
     size = (int(config.get("image_size", 160)),) * 2
-    variant = (config.get("variants") or {}).get(name)
-    if variant is not None:
-        name, options = variant["model"], dict(variant.get("args") or {})
-    else:
-        options = dict(config.get("model_args", {}).get(name, {}))
+    name, options = resolve_model(name, config)
     if name == "PatchKNN":
         from benchmarks.patch_knn import PatchKNN
 
@@ -583,8 +587,7 @@ def run_ours(ctx: Context, name: str) -> None:
                 _report_line(rows, _pass_name(direction["name"], name, k, seed), time.perf_counter() - pass_start)
                 if k == max(ks) and seed == seeds[0]:
                     ctx.overlays[(direction["name"], name, k, seed)] = examples
-    variant = (config.get("variants") or {}).get(name)
-    trained = (variant["model"] if variant else name) not in BASELINES
+    trained = resolve_model(name, config)[0] not in BASELINES
     ctx.recorder.add_speed(_speed_row(direction["name"], name, train_seconds if trained else 0.0,
                                       test_images, test_seconds, memory))  # fmt: skip
 
