@@ -119,6 +119,10 @@ def validate_config(config: dict) -> None:
         if not isinstance(variant.get("args", {}), dict):
             msg = f"Variant '{name}': 'args' must be a mapping of constructor arguments."
             raise ValueError(msg)
+        epochs = variant.get("epochs")
+        if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+            msg = f"Variant '{name}': 'epochs' must be a positive integer, got {epochs!r}."
+            raise ValueError(msg)
     unknown = [m for m in config["models"] if m not in ALL_MODELS and m not in variants]
     if unknown:
         msg = f"Unknown models {unknown}; choose from {list(ALL_MODELS)} or the protocol's variants {list(variants)}."
@@ -489,7 +493,8 @@ def build_ours(name: str, config: dict, k: int):
     """A fresh CGAD / ResAD / MetaAD / PatchKNN at the benchmark's image size (visualizer off).
 
     ``name`` may also be a *variant* of the protocol (``variants: {NAME: {model: MetaAD, args: {...}}}``):
-    the base model built with those constructor arguments, e.g. for ablations.
+    the base model built with those constructor arguments, e.g. for ablations. A variant may also set
+    ``epochs`` (it overrides the protocol's and the model's demo epochs for that variant only).
     """
     size = (int(config.get("image_size", 160)),) * 2
     name, options = resolve_model(name, config)
@@ -555,7 +560,8 @@ def run_ours(ctx: Context, name: str) -> None:
     seed_everything(int(config.get("seed", 0)), verbose=False)  # weight init, episodes: same numbers on a rerun
     model = build_ours(name, config, ks[0])
     work = ctx.folder / "work" / direction["name"] / name
-    epochs = config.get("epochs") or getattr(model, "demo_epochs", 1)
+    variant_epochs = ((config.get("variants") or {}).get(name) or {}).get("epochs")
+    epochs = variant_epochs or config.get("epochs") or getattr(model, "demo_epochs", 1)
     engine = _engine(work, collector, max_epochs=int(epochs), check_val_every_n_epoch=int(epochs))
     fit_dm = make_datamodule(config, direction, ks[0], seeds[0], "validate", ctx.data_root)
     with MemoryMonitor() as memory:

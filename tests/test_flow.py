@@ -38,6 +38,45 @@ def test_logp_is_the_exact_per_dimension_log_likelihood() -> None:
         assert torch.allclose(zmean[i], z.mean(), atol=1e-12)
 
 
+def test_grid_path_equals_plain_rows_and_tracks_weight_changes() -> None:
+    """``forward`` on a grid (position share of the subnet computed once per position, cached in eval mode) gives
+    the values of the plain row path, with the same parameters and checkpoint keys as CFlow's ``cflow_head``."""
+    import numpy as np
+    from anomalib.models.image.cflow.utils import cflow_head
+
+    torch.manual_seed(0), np.random.seed(0)
+    flow = ConditionalFlow([6, 10], coupling_blocks=3, condition_dim=8).double()
+    torch.manual_seed(0), np.random.seed(0)
+    reference = torch.nn.ModuleList(cflow_head(8, 3, 1.9, c, permute_soft=True) for c in (6, 10)).double()
+    assert list(flow.flows.state_dict()) == list(reference.state_dict())
+    pairs = zip(flow.flows.state_dict().values(), reference.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    for parameter in (p for p in flow.parameters() if p.requires_grad):  # move off the near-identity init
+        parameter.data += 0.05 * torch.randn_like(parameter)
+
+    feature = torch.randn(3, 10, 4, 5, dtype=torch.float64)
+    rows, condition = flatten_patches(feature), flow.position_code(3, 4, 5, feature)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return flow(1, feature)[0].flatten(), flow.rows(1, rows, condition)[0]
+
+    for mode in (flow.train, flow.eval):
+        mode()
+        grid, plain = both()
+        assert torch.allclose(grid, plain, atol=1e-10)
+    subnet = flow.flows[1].module_list[0].subnet
+    assert subnet._cache is not None  # eval + no_grad: the position share is kept
+    with torch.no_grad():
+        subnet[0].weight.add_(0.5)  # an in-place change (optimiser step, load_state_dict) must not reuse the cache
+    grid, plain = both()
+    assert torch.allclose(grid, plain, atol=1e-10)
+    flow.train()
+    grid_with_grad = flow(1, feature)[0]
+    grid_with_grad.sum().backward()
+    assert subnet[0].weight.grad[:, -8:].abs().sum() > 0  # the condition columns are trained through the grid path
+
+
 def test_abnormal_density_softmax_is_sigmoid_of_mean_z() -> None:
     """softmax([logp̄, logp̄_a])₁ with the N(𝟙, I) abnormal density equals σ(mean_c z − ½) (resad.md §8)."""
     torch.manual_seed(0)

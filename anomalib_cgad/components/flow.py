@@ -1,7 +1,8 @@
 """Per-level conditional normalizing flow on patch features (ResAD's distribution estimator).
 
-Built from anomalib's CFlow parts (``cflow_head`` = FrEIA-style ``AllInOneBlock`` coupling layers,
-``positional_encoding_2d``, ``get_logp``), so it exports to ONNX/OpenVINO like anomalib's CFlow.
+Built from anomalib's CFlow parts (``SequenceINN`` of FrEIA-style ``AllInOneBlock`` coupling layers with
+CFlow's subnet layout, ``positional_encoding_2d``, ``get_logp``), so it exports to ONNX/OpenVINO like
+anomalib's CFlow.
 
 Steps of :meth:`ConditionalFlow.forward` for one level:
 
@@ -10,6 +11,14 @@ Steps of :meth:`ConditionalFlow.forward` for one level:
 3. ``logp̄ = (−C/2·log 2π − ½‖z‖² + log|det J|) / C`` per position (the per-dimension log-likelihood,
    which does not underflow like the raw ``exp(logp)`` of ResAD's Eq. 7);
 4. reshape to ``(B, H, W)``.
+
+The coupling subnets are CFlow's ``Linear(d + D, 2(d + D)) → ReLU → Linear`` (same parameters, same
+initialisation, same checkpoint keys), but when the rows form whole ``H × W`` grids, the condition's share of
+the first layer, ``W_c·code + b``, depends only on the position: :class:`PositionalSubnet` computes it once
+per position instead of once per row, and in eval mode keeps it until the weights change. With ``D = 128`` and
+``d = C/2 = 20`` that share is 86% of the first layer's multiply-adds, which made the flow the largest
+test-time cost after the backbone (``benchmarks/deploy_speed.py``). The values are those of the plain
+subnet (tests/test_flow.py compares them).
 
 It also returns ``mean_c(z)``: with ResAD's abnormal density ``N(𝟙, I)`` the two-class softmax of normal
 vs abnormal likelihood is exactly ``σ(mean_c(z) − ½)`` (resad.md §8).
@@ -25,12 +34,77 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
-from anomalib.models.image.cflow.utils import cflow_head, get_logp, positional_encoding_2d
+from anomalib.models.components.flow import AllInOneBlock
+from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
+from FrEIA.framework import SequenceINN
 from torch import nn
 
 from anomalib_cgad.components.reference_bank import flatten_patches
+
+
+class PositionalSubnet(nn.Sequential):
+    """CFlow's coupling subnet ``Linear(d + D, 2(d + D)) → ReLU → Linear(2(d + D), out)`` on ``[x₁, code]`` rows.
+
+    Plain rows (any order, e.g. ResAD's shuffled training chunks) take the ordinary path. While :attr:`grid`
+    holds the ``(H·W, D)`` codes of one grid, the input rows are taken to be ``B`` whole grids in (b, h, w)
+    order, without code columns (:meth:`ConditionalFlow.forward` passes an empty condition), and
+    ``W_c·code + b`` is computed once per position (cached in eval mode, keyed by the weights' version).
+
+    Args:
+        dims_in (int): ``d + D``, the block's passive half plus the condition.
+        dims_out (int): affine coefficients of the active half.
+        condition_dim (int): ``D``.
+    """
+
+    def __init__(self, dims_in: int, dims_out: int, condition_dim: int) -> None:
+        super().__init__(nn.Linear(dims_in, 2 * dims_in), nn.ReLU(), nn.Linear(2 * dims_in, dims_out))
+        self.condition_dim = condition_dim
+        self.grid: torch.Tensor | None = None
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def position_bias(self, grid: torch.Tensor) -> torch.Tensor:
+        """``(H·W, 2(d + D))`` share of the first layer that depends only on the position."""
+        first = self[0]
+        split = first.in_features - self.condition_dim
+        key = (tuple(grid.shape), grid.device, grid.dtype, first.weight._version, first.bias._version)
+        cacheable = not self.training and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+        if cacheable and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        bias = torch.addmm(first.bias, grid, first.weight[:, split:].T)
+        self._cache = (key, bias.detach()) if cacheable and not torch.is_grad_enabled() else None
+        return bias
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Affine coefficients ``(N, dims_out)`` of rows ``[x₁, code]`` ``(N, d + D)`` (grid: ``x₁``, ``(N, d)``)."""
+        if self.grid is None:
+            return super().forward(rows)
+        first, activation, last = self
+        split = first.in_features - self.condition_dim
+        if rows.shape[1] != split:
+            msg = f"On a grid the subnet takes the {split} passive channels only, got {rows.shape[1]} columns."
+            raise ValueError(msg)
+        bias = self.position_bias(self.grid)
+        hidden = (rows @ first.weight[:, :split].T).unflatten(0, (-1, bias.shape[0])) + bias
+        return last(activation(hidden.flatten(0, 1)))
+
+
+def coupling_flow(channels: int, coupling_blocks: int, condition_dim: int, clamp_alpha: float, permute_soft: bool):
+    """One level's ``SequenceINN`` of conditional ``AllInOneBlock`` layers (the layout of CFlow's ``cflow_head``)."""
+    coder = SequenceINN(channels)
+    for _ in range(coupling_blocks):
+        coder.append(
+            AllInOneBlock,
+            cond=0,
+            cond_shape=(condition_dim,),
+            subnet_constructor=partial(PositionalSubnet, condition_dim=condition_dim),
+            affine_clamping=clamp_alpha,
+            global_affine_type="SOFTPLUS",
+            permute_soft=permute_soft,
+        )
+    return coder
 
 
 class ConditionalFlow(nn.Module):
@@ -57,14 +131,7 @@ class ConditionalFlow(nn.Module):
         self.channels = list(channels)
         self.condition_dim = condition_dim
         self.flows = nn.ModuleList(
-            cflow_head(
-                condition_vector=condition_dim,
-                coupling_blocks=coupling_blocks,
-                clamp_alpha=clamp_alpha,
-                n_features=c,
-                permute_soft=permute_soft,
-            )
-            for c in self.channels
+            coupling_flow(c, coupling_blocks, condition_dim, clamp_alpha, permute_soft) for c in self.channels
         )
 
     def position_code(self, batch: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -79,11 +146,24 @@ class ConditionalFlow(nn.Module):
         return get_logp(channels, z, log_jac_det) / channels, z.mean(dim=1)
 
     def forward(self, level: int, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``logp̄`` and ``mean_c(z)`` maps ``(B, H, W)`` of level ``level``."""
-        batch, _, height, width = feature.shape
-        condition = self.position_code(batch, height, width, feature)
-        logp, zmean = self.rows(level, flatten_patches(feature), condition)
-        return logp.reshape(batch, height, width), zmean.reshape(batch, height, width)
+        """Return ``logp̄`` and ``mean_c(z)`` maps ``(B, H, W)`` of level ``level``.
+
+        The rows are ``B`` whole grids, so the subnets take their per-position path (:class:`PositionalSubnet`):
+        the blocks get an empty condition and each subnet adds the cached share of the grid's codes.
+        """
+        batch, channels, height, width = feature.shape
+        rows = flatten_patches(feature)
+        subnets = [block.subnet for block in self.flows[level].module_list]
+        grid = self.position_code(1, height, width, feature)
+        for subnet in subnets:
+            subnet.grid = grid
+        try:
+            z, log_jac_det = self.flows[level](rows, [rows.new_empty(rows.shape[0], 0)])
+        finally:
+            for subnet in subnets:
+                subnet.grid = None
+        logp = get_logp(channels, z, log_jac_det) / channels
+        return logp.reshape(batch, height, width), z.mean(dim=1).reshape(batch, height, width)
 
 
 def chunks(num_rows: int, chunk_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
