@@ -10,6 +10,7 @@ from anomalib_cgad.components.backbone import FeatureExtractor
 from anomalib_cgad.components.reference_bank import (
     ReferenceBank,
     batched_residual_features,
+    best_index,
     flatten_patches,
     nearest_reference,
     residual_features,
@@ -141,3 +142,25 @@ def test_residuals_export_with_the_bank_as_an_input_of_dynamic_size(matching: st
     for size in (10, 300):
         feature, bank = torch.randn(1, 8, 4, 4), torch.randn(size, 8)
         assert torch.allclose(exported(feature, bank), module(feature, bank), atol=1e-6)
+
+
+def test_export_form_of_best_index_is_argmax_ties_included(monkeypatch) -> None:
+    """The ``ReduceMax``/``Where`` form used while exporting (OpenVINO's ``TopK`` was slow) returns ``argmax``'s
+    index, the first one on ties, for one bank and for one bank per sample."""
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50, 40).round(decimals=1)  # rounding makes many rows with tied maxima
+    scores[0, 0] = 0.0  # a row that is all ties
+    eager = best_index(scores)
+    assert torch.equal(eager, scores.argmax(dim=-1))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    exported_form = best_index(scores)
+    assert exported_form.dtype == eager.dtype
+    assert torch.equal(exported_form, eager)
+    assert exported_form[0, 0] == 0
+    queries, bank = torch.randn(30, 8), torch.randn(64, 8)
+    monkeypatch.undo()
+    expected = [nearest_reference(queries, bank, m) for m in ("l2", "cosine")]
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert all(
+        torch.equal(nearest_reference(queries, bank, m), e) for m, e in zip(("l2", "cosine"), expected, strict=True)
+    )

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.components.reference_bank import best_index, flatten_patches
 
 
 def efdm(residual: torch.Tensor, quantised: torch.Tensor, alpha: float = 0.4) -> torch.Tensor:
@@ -150,7 +150,7 @@ class ResidualCodebook(nn.Module):
     def _assign(rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code (Euclidean) of every row: ``argmin ‖e‖² − 2 r·e`` (``‖r‖²`` is constant)."""
         distance = (codes * codes).sum(-1) - 2 * rows @ codes.transpose(0, 1)
-        return distance.argmin(dim=-1)
+        return best_index(-distance)
 
     def nearest(self, level: int, residual: torch.Tensor) -> torch.Tensor:
         """The nearest code of ``level`` at every position of a ``(B, C, H, W)`` residual map.

@@ -35,7 +35,7 @@ from torch import nn
 
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
-from anomalib_cgad.components.reference_bank import ReferenceBank, flatten_patches
+from anomalib_cgad.components.reference_bank import ReferenceBank, best_index, flatten_patches
 from anomalib_cgad.models.resad.torch_model import ResADModel
 
 
@@ -60,7 +60,7 @@ def leave_one_out_residuals(features: Sequence[torch.Tensor], matching: str, res
         else:
             cost = (rows**2).sum(1, keepdim=True) - 2 * rows @ rows.T + (rows**2).sum(1)[None]
         cost = cost + excluded.to(cost.dtype) * 1e12
-        diff = rows - rows[cost.argmin(dim=1)]
+        diff = rows - rows[best_index(-cost)]
         diff = diff * diff if residual == "sq_diff" else diff
         out.append(diff.reshape(k, height, width, channels).permute(0, 3, 1, 2))
     return out
