@@ -92,13 +92,15 @@ def _export_backbone(backbone: torch.nn.Module, size: int, xml: Path) -> None:
     ov.save_model(ov.convert_model(onnx_path), xml)
 
 
-def build_model(name: str, size: int, k: int, seed: int):
-    """An untrained ``name`` at ``size`` px holding a bank of ``k`` random reference images."""
+def build_model(name: str, size: int, k: int, seed: int, options: dict | None = None):
+    """An untrained ``name`` at ``size`` px (with constructor ``options``) holding a bank of ``k`` random images."""
     import anomalib_cgad
 
     model_cls = getattr(anomalib_cgad, name)
     torch.manual_seed(seed)
-    model = model_cls(pre_processor=model_cls.configure_pre_processor((size, size)), visualizer=False, k_shot=k)
+    model = model_cls(
+        pre_processor=model_cls.configure_pre_processor((size, size)), visualizer=False, k_shot=k, **(options or {})
+    )
     model.eval()
     model.set_references(torch.rand(k, 3, size, size))
     return model
@@ -112,8 +114,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Path]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = _next_folder(Path(args.out), f"{args.model}_{args.image_size}px")
-    model = build_model(args.model, args.image_size, args.k, args.seed)
+    suffix = "".join(f"_{key}{value}" for key, value in args.set.items())
+    folder = _next_folder(Path(args.out), f"{args.model}{suffix}_{args.image_size}px")
+    model = build_model(args.model, args.image_size, args.k, args.seed, args.set)
     size = args.image_size
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -198,6 +201,7 @@ def _environment(args: argparse.Namespace, export_seconds: float) -> dict:
     return {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.deploy_speed", *sys.argv[1:]]),
         "model": args.model,
+        "model_args": args.set,
         "image_size": args.image_size,
         "k_shot": args.k,
         "warmup": args.warmup,
@@ -222,12 +226,28 @@ def _write(folder: Path, rows: list[dict], args: argparse.Namespace, export_seco
     environment = _environment(args, export_seconds)
     (folder / "environment.json").write_text(json.dumps(environment, indent=2))
     header = (
-        f"# Deployment speed: {args.model}, {args.image_size}px, k={args.k} (untrained weights; timing only)\n\n"
+        f"# Deployment speed: {args.model}{_options_text(args.set)}, {args.image_size}px, k={args.k} "
+        "(untrained weights; timing only)\n\n"
         f"`{environment['command']}`: median of {args.iterations} calls after {args.warmup} warm-up calls, "
         f"{environment['cpu_count']} CPU(s), torch {environment['torch']} ({environment['torch_threads']} threads), "
         f"OpenVINO {environment['openvino']}, 1-min load average at the end {environment['loadavg_1min']}.\n\n"
     )
     (folder / "results.md").write_text(header + markdown_table(rows) + "\n")
+
+
+def _options_text(options: dict) -> str:
+    return f" ({', '.join(f'{key}={value}' for key, value in options.items())})" if options else ""
+
+
+def _model_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a YAML value (``coupling_blocks=2`` → ``("coupling_blocks", 2)``)."""
+    import yaml
+
+    key, separator, value = text.partition("=")
+    if not separator or not key.isidentifier():
+        msg = f"expected KEY=VALUE (e.g. coupling_blocks=2), got '{text}'"
+        raise argparse.ArgumentTypeError(msg)
+    return key, yaml.safe_load(value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,8 +262,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch and OpenVINO threads (0 = their defaults)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the OpenVINO bf16 row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        type=_model_option,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor arguments, e.g. --set coupling_blocks=2 condition_dim=32",
+    )
     parser.add_argument("--out", default="results/deploy_speed")
     args = parser.parse_args(argv)
+    args.set = dict(args.set)
     if args.image_size < 32 or min(args.batch_sizes) < 1 or args.iterations < 1 or args.warmup < 0 or args.k < 1:
         parser.error("--image-size >= 32, --batch-sizes >= 1, --iterations >= 1, --warmup >= 0 and --k >= 1.")
     return args

@@ -134,3 +134,16 @@ def test_patch_knn_scores_a_pasted_defect_higher() -> None:
     assert out.pred_score[1] > out.pred_score[0] + 1e-3
     assert out.anomaly_map.shape == (2, 1, 64, 64)
     assert out.anomaly_map[1, 0, 28, 28] > out.anomaly_map[1, 0, 2, 2]
+
+
+def test_deploy_speed_builds_the_model_with_the_given_constructor_arguments() -> None:
+    from benchmarks.deploy_speed import build_model, parse_args
+
+    args = parse_args(["--image-size", "64", "--set", "coupling_blocks=2", "condition_dim=32"])
+    assert args.set == {"coupling_blocks": 2, "condition_dim": 32}
+    model = build_model("CGAD", 64, 2, 0, args.set)
+    assert len(model.model.flow.flows[0].module_list) == 2
+    assert model.model.flow.condition_dim == 32
+    assert model.model.bank.is_set
+    with pytest.raises(SystemExit):
+        parse_args(["--set", "coupling_blocks"])  # argparse reports the KEY=VALUE format and exits
