@@ -67,6 +67,19 @@ def test_checkpoint_reload_gives_identical_scores(cross_class, tmp_path) -> None
     assert torch.allclose(scores[0], scores[1], atol=1e-5)
 
 
+def test_no_max_epochs_trains_the_models_default_length_and_an_explicit_one_is_kept(cross_class, tmp_path) -> None:
+    """``anomalib train`` without ``--trainer.max_epochs``: the model's ``demo_epochs``, not Lightning's 1000."""
+    model = _small(MetaAD)
+    model.demo_epochs = 2  # the class default is 4; 2 keeps the test short
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=cross_class())
+    assert engine.trainer.current_epoch == 2
+    explicit = _small(MetaAD)
+    explicit.demo_epochs = 2
+    _engine(tmp_path / "explicit", 1).fit(model=explicit, datamodule=cross_class())
+    assert explicit.trainer.current_epoch == 1
+
+
 def test_outer_level_off_really_skips_it(cross_class, tmp_path) -> None:
     model = _small(MetaAD, outer=False)
     _engine(tmp_path, 1).fit(model=model, datamodule=cross_class())

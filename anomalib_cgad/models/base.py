@@ -41,6 +41,8 @@ from anomalib_cgad.safe_load import load_weights_only
 
 logger = logging.getLogger(__name__)
 
+LIGHTNING_DEFAULT_EPOCHS = 1000  # what Lightning trains when neither max_epochs nor max_steps is given
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -141,7 +143,8 @@ class ReferenceMixin:
     """Reference handling and the anomalib contract shared by the anomalib-cgad models (see module docstring).
 
     The contract members live here once: ``learning_type`` is ``ONE_CLASS`` (so ``Engine.train`` fits the
-    models on the source classes), ``trainer_arguments`` leaves ``max_epochs`` to the user, the
+    models on the source classes), ``trainer_arguments`` leaves ``max_epochs`` to the user (without one, the
+    model trains for its ``demo_epochs`` instead of Lightning's 1000, see :meth:`on_fit_start`), the
     post-processor is anomalib's ``PostProcessor`` and the pre-processor resizes without antialiasing.
 
     The host class must set ``self.k_shot``, ``self.few_shot_source`` and ``self.model`` (a torch model
@@ -157,6 +160,26 @@ class ReferenceMixin:
     def trainer_arguments(self) -> dict[str, Any]:
         """No ``max_epochs``: users choose the training length. Sanity validation is skipped."""
         return {"num_sanity_val_steps": 0}
+
+    def on_fit_start(self) -> None:
+        """Without ``max_epochs`` and ``max_steps``, train for the model's ``demo_epochs``, not for 1000 epochs.
+
+        Lightning replaces a missing ``max_epochs`` by 1000 before any hook runs (and a model's
+        ``trainer_arguments`` would override a value the user did give), so 1000 epochs with no step limit is
+        read as "not set": ``anomalib train --model CGAD --data ...`` with no trainer flag then trains CGAD for
+        4 epochs (ResAD 6, MetaAD 4), with a warning naming the flag to change it.
+        """
+        trainer = self.trainer
+        if trainer.fit_loop.max_epochs == LIGHTNING_DEFAULT_EPOCHS and trainer.max_steps == -1:
+            epochs = int(getattr(self, "demo_epochs", 1))
+            logger.warning(
+                "max_epochs was not set (Lightning would train %d epochs): training %s for its default %d epochs. "
+                "Pass --trainer.max_epochs N (or Engine(max_epochs=N)) to choose.",
+                LIGHTNING_DEFAULT_EPOCHS,
+                type(self).__name__,
+                epochs,
+            )
+            trainer.fit_loop.max_epochs = epochs
 
     @property
     def learning_type(self) -> LearningType:
