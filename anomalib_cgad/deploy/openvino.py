@@ -61,6 +61,7 @@ class _BankModel(nn.Module):
         self.pre = module.pre_processor
         self.model = module.model
         self.post = module.post_processor
+        self.training = module.model.training  # the wrapper's own flag only (the exporter warns on it)
 
     def forward(self, image: torch.Tensor, *bank: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = self.pre(image) if self.pre is not None else image
@@ -76,6 +77,7 @@ class _BankEncoder(nn.Module):
         super().__init__()
         self.pre = module.pre_processor
         self.model = module.model
+        self.training = module.model.training  # the wrapper's own flag only (the exporter warns on it)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         images = self.pre(images) if self.pre is not None else images
