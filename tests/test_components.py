@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomalib_cgad.components.confidence_margin import BoundedTemperature, confidence_margin_loss, pcgrad_backward
+from anomalib_cgad.components.confidence_margin import (
+    BoundedTemperature,
+    confidence_margin_loss,
+    outer_backward,
+    pcgrad_backward,
+)
 from anomalib_cgad.components.episodes import EpisodeSampler
 from anomalib_cgad.components.flow import ConditionalFlow, chunks
 from anomalib_cgad.components.reference_bank import BankMismatchError, ReferenceBank, residual_features
@@ -121,3 +126,23 @@ def test_pcgrad_removes_conflicting_components() -> None:
     # each gradient lost its component along the other; the sum no longer opposes either direction
     assert torch.dot(weight.grad, torch.tensor([1.0, 0.0])) >= -1e-6
     assert torch.dot(weight.grad, torch.tensor([-1.0, 1.0])) >= -1e-6
+
+
+@pytest.mark.parametrize("learn_temperature", [True, False])
+def test_outer_backward_gives_calibration_only_the_margin_gradient(learn_temperature: bool) -> None:
+    """PCGrad on the shared parameters; boundaries and T get d(Σ margins) only; a fixed T is skipped, not an error."""
+    torch.manual_seed(0)
+    shared = torch.nn.Parameter(torch.randn(4))
+    boundary = torch.nn.Parameter(torch.zeros(2))
+    temperature = BoundedTemperature(1.0, learn=learn_temperature)
+    z = (shared[:2] - boundary) / temperature()
+    losses = [confidence_margin_loss(z[:1], z[1:], temperature()), (shared[2:] ** 2).sum() + boundary.sum()]
+    clean = -(shared**2).sum()
+    margin_grads = torch.autograd.grad(sum(losses), [boundary], retain_graph=True)[0]
+    outer_backward(clean, losses, [shared], [boundary, temperature.rho], pcgrad=True, backward=None, seed=0)
+    assert torch.allclose(boundary.grad, margin_grads)
+    assert shared.grad is not None and torch.isfinite(shared.grad).all()
+    assert (temperature.rho.grad is not None) == learn_temperature
+    called = []
+    outer_backward(clean.detach(), [torch.tensor(1.0)], [shared], [boundary], pcgrad=False, backward=called.append)
+    assert len(called) == 1 and float(called[0]) == float(clean) + 1.0

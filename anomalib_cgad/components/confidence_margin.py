@@ -19,7 +19,7 @@ product), in a random order, then they are summed.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,3 +125,40 @@ def pcgrad_backward(losses: Sequence[torch.Tensor], params: Sequence[nn.Paramete
         param.grad = total[offset : offset + count].view_as(param).clone()
         offset += count
     return conflicts
+
+
+def outer_backward(
+    clean: torch.Tensor,
+    losses: Sequence[torch.Tensor],
+    shared: Sequence[nn.Parameter],
+    calibration: Sequence[nn.Parameter],
+    pcgrad: bool,
+    backward: Callable[[torch.Tensor], None],
+    seed: int = 0,
+) -> None:
+    """Gradients of one outer step of MetaAD or CGAD.
+
+    With ``pcgrad`` the ``shared`` parameters get the PCGrad combination of ``[clean, *losses]`` (the clean
+    likelihood term and each class's margin loss), and the ``calibration`` parameters (CGAD's boundaries, the
+    temperature) get the gradient of the summed margin losses only. Calibration parameters that do not
+    require grad (``learn_temperature=False``) are skipped. Without ``pcgrad``, ``backward`` runs on
+    ``clean + Σ losses``.
+
+    Args:
+        clean (torch.Tensor): scalar clean term.
+        losses (Sequence[torch.Tensor]): per-class margin losses.
+        shared (Sequence[nn.Parameter]): parameters the losses share (the flow, MetaAD's head).
+        calibration (Sequence[nn.Parameter]): boundaries / temperature.
+        pcgrad (bool): resolve conflicts with PCGrad.
+        backward (Callable[[torch.Tensor], None]): the module's ``manual_backward``.
+        seed (int): order of the PCGrad projections. Defaults to ``0``.
+    """
+    margin = torch.stack(list(losses)).sum()
+    if not pcgrad:
+        backward(margin + clean)
+        return
+    pcgrad_backward([clean, *losses], shared, seed=seed)
+    trainable = [p for p in calibration if p.requires_grad]
+    if trainable:
+        for param, grad in zip(trainable, torch.autograd.grad(margin, trainable), strict=True):
+            param.grad = grad

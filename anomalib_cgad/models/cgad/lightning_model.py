@@ -37,7 +37,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_cgad.components.confidence_margin import confidence_margin_loss, pcgrad_backward
+from anomalib_cgad.components.confidence_margin import confidence_margin_loss, outer_backward
 from anomalib_cgad.components.episodes import EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
@@ -227,15 +227,15 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         outer_opt, calibration_opt = optimizers
         outer_opt.zero_grad(set_to_none=True)
         calibration_opt.zero_grad(set_to_none=True)
-        flow_params = list(self.model.flow.parameters())
-        if self.pcgrad and len(losses) + 1 > 1:
-            pcgrad_backward([torch.stack(clean).mean(), *losses], flow_params, seed=self.outer_steps)
-            calibration_grads = torch.autograd.grad(
-                torch.stack(losses).sum(), [self.model.boundary, self.model.temperature.rho]
-            )
-            self.model.boundary.grad, self.model.temperature.rho.grad = calibration_grads
-        else:
-            self.manual_backward(torch.stack(losses).sum() + torch.stack(clean).mean())
+        outer_backward(
+            torch.stack(clean).mean(),
+            losses,
+            shared=list(self.model.flow.parameters()),
+            calibration=[self.model.boundary, self.model.temperature.rho],
+            pcgrad=self.pcgrad,
+            backward=self.manual_backward,
+            seed=self.outer_steps,
+        )
         outer_opt.step()
         calibration_opt.step()
         self.outer_steps += 1

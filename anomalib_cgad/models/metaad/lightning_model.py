@@ -28,7 +28,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, pcgrad_backward
+from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, outer_backward
 from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
@@ -282,14 +282,15 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         outer_opt, temperature_opt = optimizers
         outer_opt.zero_grad(set_to_none=True)
         temperature_opt.zero_grad(set_to_none=True)
-        shared = [self.model.head, *self.model.encoder.last.parameters()]
-        if self.pcgrad:
-            pcgrad_backward([torch.stack(clean).mean(), *losses], shared, seed=self.outer_steps)
-            rho = self.model.temperature.rho
-            if rho.requires_grad:  # learn_temperature=False: T is a constant, nothing to differentiate
-                (rho.grad,) = torch.autograd.grad(torch.stack(losses).sum(), [rho])
-        else:
-            self.manual_backward(torch.stack(losses).sum() + torch.stack(clean).mean())
+        outer_backward(
+            torch.stack(clean).mean(),
+            losses,
+            shared=[self.model.head, *self.model.encoder.last.parameters()],
+            calibration=[self.model.temperature.rho],
+            pcgrad=self.pcgrad,
+            backward=self.manual_backward,
+            seed=self.outer_steps,
+        )
         outer_opt.step()
         temperature_opt.step()
         self.outer_steps += 1
