@@ -481,12 +481,15 @@ def mean_row(rows: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- models
-def resolve_model(name: str, config: dict) -> tuple[str, dict]:
-    """Base model name and constructor arguments of ``name``: a protocol variant or a model with ``model_args``."""
+def resolve_model(name: str, config: dict) -> tuple[str, dict, int | None]:
+    """Base model name, constructor arguments and training epochs of ``name`` (a protocol variant or a model).
+
+    Epochs: the variant's own ``epochs``, else the protocol's, else ``None`` (the model's ``demo_epochs``).
+    """
     variant = (config.get("variants") or {}).get(name)
     if variant is not None:
-        return variant["model"], dict(variant.get("args") or {})
-    return name, dict(config.get("model_args", {}).get(name, {}))
+        return variant["model"], dict(variant.get("args") or {}), variant.get("epochs") or config.get("epochs")
+    return name, dict(config.get("model_args", {}).get(name, {})), config.get("epochs")
 
 
 def build_ours(name: str, config: dict, k: int):
@@ -497,7 +500,7 @@ def build_ours(name: str, config: dict, k: int):
     ``epochs`` (it overrides the protocol's and the model's demo epochs for that variant only).
     """
     size = (int(config.get("image_size", 160)),) * 2
-    name, options = resolve_model(name, config)
+    name, options, _ = resolve_model(name, config)
     if name == "PatchKNN":
         from benchmarks.patch_knn import PatchKNN
 
@@ -560,8 +563,7 @@ def run_ours(ctx: Context, name: str) -> None:
     seed_everything(int(config.get("seed", 0)), verbose=False)  # weight init, episodes: same numbers on a rerun
     model = build_ours(name, config, ks[0])
     work = ctx.folder / "work" / direction["name"] / name
-    variant_epochs = ((config.get("variants") or {}).get(name) or {}).get("epochs")
-    epochs = variant_epochs or config.get("epochs") or getattr(model, "demo_epochs", 1)
+    epochs = resolve_model(name, config)[2] or getattr(model, "demo_epochs", 1)
     engine = _engine(work, collector, max_epochs=int(epochs), check_val_every_n_epoch=int(epochs))
     fit_dm = make_datamodule(config, direction, ks[0], seeds[0], "validate", ctx.data_root)
     with MemoryMonitor() as memory:

@@ -62,18 +62,18 @@ class PositionalSubnet(nn.Sequential):
     def __init__(self, dims_in: int, dims_out: int, condition_dim: int) -> None:
         super().__init__(nn.Linear(dims_in, 2 * dims_in), nn.ReLU(), nn.Linear(2 * dims_in, dims_out))
         self.condition_dim = condition_dim
+        self.split = dims_in - condition_dim  # passive channels d; columns from here on are the code
         self.grid: torch.Tensor | None = None
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def position_bias(self, grid: torch.Tensor) -> torch.Tensor:
         """``(H·W, 2(d + D))`` share of the first layer that depends only on the position."""
         first = self[0]
-        split = first.in_features - self.condition_dim
         key = (tuple(grid.shape), grid.device, grid.dtype, first.weight._version, first.bias._version)
         cacheable = not self.training and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
         if cacheable and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        bias = torch.addmm(first.bias, grid, first.weight[:, split:].T)
+        bias = torch.addmm(first.bias, grid, first.weight[:, self.split :].T)
         self._cache = (key, bias.detach()) if cacheable and not torch.is_grad_enabled() else None
         return bias
 
@@ -82,12 +82,11 @@ class PositionalSubnet(nn.Sequential):
         if self.grid is None:
             return super().forward(rows)
         first, activation, last = self
-        split = first.in_features - self.condition_dim
-        if rows.shape[1] != split:
-            msg = f"On a grid the subnet takes the {split} passive channels only, got {rows.shape[1]} columns."
+        if rows.shape[1] != self.split:
+            msg = f"On a grid the subnet takes the {self.split} passive channels only, got {rows.shape[1]} columns."
             raise ValueError(msg)
         bias = self.position_bias(self.grid)
-        hidden = (rows @ first.weight[:, :split].T).unflatten(0, (-1, bias.shape[0])) + bias
+        hidden = (rows @ first.weight[:, : self.split].T).unflatten(0, (-1, bias.shape[0])) + bias
         return last(activation(hidden.flatten(0, 1)))
 
 
@@ -141,9 +140,7 @@ class ConditionalFlow(nn.Module):
 
     def rows(self, level: int, rows: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row ``logp̄`` and ``mean_c(z)`` for flattened rows ``(N, C)`` with their codes ``(N, D)``."""
-        z, log_jac_det = self.flows[level](rows, [condition])
-        channels = rows.shape[1]
-        return get_logp(channels, z, log_jac_det) / channels, z.mean(dim=1)
+        return _per_row(*self.flows[level](rows, [condition]))
 
     def forward(self, level: int, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``logp̄`` and ``mean_c(z)`` maps ``(B, H, W)`` of level ``level``.
@@ -151,19 +148,24 @@ class ConditionalFlow(nn.Module):
         The rows are ``B`` whole grids, so the subnets take their per-position path (:class:`PositionalSubnet`):
         the blocks get an empty condition and each subnet adds the cached share of the grid's codes.
         """
-        batch, channels, height, width = feature.shape
+        batch, _, height, width = feature.shape
         rows = flatten_patches(feature)
         subnets = [block.subnet for block in self.flows[level].module_list]
         grid = self.position_code(1, height, width, feature)
         for subnet in subnets:
             subnet.grid = grid
         try:
-            z, log_jac_det = self.flows[level](rows, [rows.new_empty(rows.shape[0], 0)])
+            logp, zmean = _per_row(*self.flows[level](rows, [rows.new_empty(rows.shape[0], 0)]))
         finally:
             for subnet in subnets:
                 subnet.grid = None
-        logp = get_logp(channels, z, log_jac_det) / channels
-        return logp.reshape(batch, height, width), z.mean(dim=1).reshape(batch, height, width)
+        return logp.reshape(batch, height, width), zmean.reshape(batch, height, width)
+
+
+def _per_row(z: torch.Tensor, log_jac_det: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logp̄`` (per-dimension log-likelihood) and ``mean_c(z)`` of each row of the flow's output ``z``."""
+    channels = z.shape[1]
+    return get_logp(channels, z, log_jac_det) / channels, z.mean(dim=1)
 
 
 def chunks(num_rows: int, chunk_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
