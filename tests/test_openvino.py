@@ -140,6 +140,33 @@ def test_parity_torch_vs_openvino_with_the_same_bank(exported, synthetic_root) -
     assert diffs["label_flips"] == 0
 
 
+def test_openvino_encoder_bank_gets_the_same_coreset_as_torch(exported, synthetic_root) -> None:
+    """With ``reference_coreset < 1`` the torch-free inferencer keeps the rows torch keeps, and scores alike."""
+    model, _, _, folder = exported
+    inferencer = BankInferencer(folder)
+    assert inferencer.metadata["reference_coreset"] == 1.0
+    paths = _paths(synthetic_root, "waves", "train", 2)
+    full = inferencer.compute_bank(paths)
+    inferencer.metadata["reference_coreset"] = 0.5  # as exported from a model built with reference_coreset=0.5
+    model.model.bank.coreset = 0.5
+    try:
+        bank = inferencer.compute_bank(paths)
+        with torch.no_grad():
+            torch_bank = model.model.compute_bank(model.pre_processor.transform(load_images(paths, (96, 96))))
+        levels = len(inferencer.metadata["layers"])
+        assert [t.shape[0] for t in bank.tensors[:levels]] == [(t.shape[0] + 1) // 2 for t in full.tensors[:levels]]
+        for ov_rows, torch_rows in zip(bank.tensors, torch_bank, strict=True):
+            assert ov_rows.shape == tuple(torch_rows.shape)
+            assert np.abs(ov_rows - torch_rows.numpy()).max() <= TOLERANCE
+        np.testing.assert_array_equal(bank.tensors[levels], full.tensors[levels])  # CGAD's scale uses every patch
+        queries = _paths(synthetic_root, "waves", "test")
+        load_model_bank(model, _save(bank, folder.parent / "coreset_bank.npz"))
+        expected = _torch_predict(model, queries).pred_score.numpy()
+        assert np.abs(inferencer.predict(queries, bank)["pred_score"] - expected).max() <= TOLERANCE
+    finally:
+        model.model.bank.coreset = 1.0
+
+
 def test_anomalib_openvino_inferencer_runs_the_simple_export(exported, synthetic_root, tmp_path, monkeypatch) -> None:
     """anomalib's own inferencer on anomalib's own IR (bank frozen at export) matches torch."""
     model, _, xml, folder = exported

@@ -15,6 +15,7 @@ from anomalib_cgad.components.reference_bank import (
     nearest_reference,
     residual_features,
 )
+from anomalib_cgad.deploy.inferencer import coreset_indices
 from anomalib_cgad.models.base import load_images
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None])
@@ -164,3 +165,58 @@ def test_export_form_of_best_index_is_argmax_ties_included(monkeypatch) -> None:
     assert all(
         torch.equal(nearest_reference(queries, bank, m), e) for m, e in zip(("l2", "cosine"), expected, strict=True)
     )
+
+
+def _covering_radius(rows: torch.Tensor, kept: torch.Tensor) -> float:
+    """Largest distance from a row to its nearest kept row."""
+    return float(torch.cdist(rows, rows[kept]).min(dim=1).values.max())
+
+
+def test_coreset_keeps_one_row_per_cluster_and_covers_better_than_a_random_subset() -> None:
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    rows = (centres[:, None] + 0.1 * torch.randn(4, 25, 2)).reshape(100, 2)
+    kept = coreset_indices(rows.numpy(), 0.04)
+    assert kept.tolist() == sorted(kept.tolist())
+    assert sorted({int(i) // 25 for i in kept}) == [0, 1, 2, 3]  # 4 rows kept, one in every cluster
+    features = torch.randn(400, 16)
+    greedy = torch.from_numpy(coreset_indices(features.numpy(), 0.25))
+    assert len(greedy) == 100 and len(set(greedy.tolist())) == 100
+    random_radius = min(_covering_radius(features, torch.randperm(400)[:100]) for _ in range(5))
+    assert _covering_radius(features, greedy) < random_radius
+    assert torch.equal(greedy, torch.from_numpy(coreset_indices(features.numpy(), 0.25)))  # deterministic
+
+
+def test_coreset_measures_cosine_distance_when_matching_is_cosine() -> None:
+    # Rows 0-2 point one way (different lengths), row 3 another: with cosine distances rows 1 and 2 are
+    # duplicates of row 0, so the second kept row must be row 3; with L2 it is the long row 2.
+    rows = torch.tensor([[1.0, 0.0], [5.0, 0.0], [50.0, 0.0], [0.0, 1.0]]).numpy()
+    assert coreset_indices(rows, 0.5, cosine=True).tolist() == [0, 3]
+    assert coreset_indices(rows, 0.5, cosine=False).tolist() == [0, 2]
+    assert coreset_indices(rows, 1.0).tolist() == [0, 1, 2, 3]
+    assert coreset_indices(rows, 0.01).tolist() == [0]  # at least one row
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="reference_coreset must lie in"):
+            coreset_indices(rows, bad)
+    with pytest.raises(ValueError, match="reference_coreset must lie in"):
+        ReferenceBank(1, coreset=0.0)
+
+
+def test_coreset_bank_holds_reference_rows_and_references_still_have_zero_residual(extractor, synthetic_root) -> None:
+    features = extractor(_images(synthetic_root, "stripes"))
+    full = ReferenceBank(2, matching="l2", residual="sq_diff")  # residual sum = squared distance to the match
+    half = ReferenceBank(2, matching="l2", residual="sq_diff", coreset=0.5)
+    full.set(features)
+    half.set(features)
+    for rows, subset in zip(full.tensors(), half.tensors(), strict=True):
+        assert subset.shape[0] == (rows.shape[0] + 1) // 2
+        exact = torch.cdist(subset, rows, compute_mode="donot_use_mm_for_euclid_dist")
+        assert exact.min(dim=1).values.max() == 0  # every kept row is a reference patch
+    kept = flatten_patches(features[0])[coreset_indices(flatten_patches(features[0]).numpy(), 0.5)]
+    assert torch.equal(half.tensors()[0], kept)
+    query = extractor(_images(synthetic_root, "stripes", "test", count=1))
+    exact, approximate = full.residuals(query), half.residuals(query)
+    for a, b in zip(exact, approximate, strict=True):
+        # fewer candidates: no residual gets smaller, and the mean grows only a little
+        assert (b.sum(1) >= a.sum(1) * (1 - 1e-4)).all()
+        assert a.mean() < b.mean() < 3 * a.mean()

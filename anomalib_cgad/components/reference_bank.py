@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
+from anomalib_cgad.deploy.inferencer import coreset_indices
 from anomalib_cgad.safe_load import load_weights_only
 from anomalib_cgad.validation import check_choice
 
@@ -57,17 +58,19 @@ def flatten_patches(feature: torch.Tensor) -> torch.Tensor:
 def best_index(score: torch.Tensor) -> torch.Tensor:
     """Index of the largest ``score`` along the last axis (the first one on ties), ``argmax``'s result.
 
-    While exporting to ONNX it is written as ``ReduceMax`` → ``Where`` → ``ReduceMax`` instead: ``argmax``
+    While exporting to ONNX it is written as ``ReduceMax`` → ``Where`` → ``ReduceMin`` instead: ``argmax``
     becomes OpenVINO's ``TopK``, which took 19 of the 47 ms of a 256 px CGAD forward on one CPU thread
-    (1,024 queries × 4,096 reference patches); this form gives the same index in 8 ms there. Eager torch keeps
+    (1,024 queries × 4,096 reference patches); this form gives the same index in 8 ms there. The bank's row
+    count stays dynamic in the exported graph. Eager torch keeps
     ``argmax``, which is the faster one in torch (tests/test_reference_bank.py checks both agree, ties included).
     """
     if not torch.onnx.is_in_onnx_export():
         return score.argmax(dim=-1)
     best = score.amax(dim=-1, keepdim=True)
-    count = score.shape[-1]
-    position = torch.arange(count, device=score.device, dtype=score.dtype)
-    return torch.where(score == best, -position, -float(count)).amax(dim=-1).neg().long()
+    # No Python number made from the row count: float(count) would freeze the bank's dynamic row count
+    # into the graph, and a bank of other k (or a coreset) would then be rejected by the exported model.
+    position = torch.arange(score.shape[-1], device=score.device, dtype=score.dtype)
+    return torch.where(score == best, position, float("inf")).amin(dim=-1).long()
 
 
 def nearest_reference(queries: torch.Tensor, bank: torch.Tensor, matching: str = "l2") -> torch.Tensor:
@@ -170,18 +173,26 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         num_levels (int): number of feature levels.
         matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
         residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
+        coreset (float): share of the reference patches :meth:`build` keeps per level, a greedy k-center
+            coreset (:func:`~anomalib_cgad.deploy.inferencer.coreset_indices`); ``1`` keeps all (exact search).
+            Defaults to ``1.0``.
 
     Attributes:
-        bank_<l> (torch.Tensor): ``(k·H_l·W_l, C_l)`` reference patches of level ``l`` (empty until set).
+        bank_<l> (torch.Tensor): ``(M_l, C_l)`` reference patches of level ``l``, ``M_l = k·H_l·W_l`` without a
+            coreset (empty until set).
     """
 
-    def __init__(self, num_levels: int, matching: str = "l2", residual: str = "diff") -> None:
+    def __init__(self, num_levels: int, matching: str = "l2", residual: str = "diff", coreset: float = 1.0) -> None:
         super().__init__()
         check_choice("matching", matching, MATCHING)
         check_choice("residual", residual, RESIDUAL)
+        if not 0.0 < coreset <= 1.0:
+            msg = f"reference_coreset must lie in (0, 1], got {coreset}."
+            raise ValueError(msg)
         self.num_levels = num_levels
         self.matching = matching
         self.residual = residual
+        self.coreset = float(coreset)
         for level in range(num_levels):
             self.register_buffer(f"bank_{level}", torch.empty(0))
         self.register_buffer("num_refs", torch.tensor(0))
@@ -195,10 +206,19 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         """Whether references have been stored."""
         return all(t.numel() > 0 for t in self.tensors())
 
-    @staticmethod
-    def build(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Flatten per-level reference feature maps ``(k, C, H, W)`` into bank rows ``(k·H·W, C)``."""
-        return [flatten_patches(feature) for feature in features]
+    def build(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Flatten per-level reference feature maps ``(k, C, H, W)`` into bank rows ``(k·H·W, C)``.
+
+        With ``coreset < 1`` only the coreset rows of each level are kept. Not while exporting: the exported
+        bank encoder returns every row and :class:`~anomalib_cgad.deploy.inferencer.BankInferencer` selects the
+        same coreset with the same function (the greedy loop is data-dependent, not a graph).
+        """
+        levels = [flatten_patches(feature) for feature in features]
+        if self.coreset >= 1.0 or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return levels
+        cosine = self.matching == "cosine"
+        kept = [coreset_indices(rows.detach().float().cpu().numpy(), self.coreset, cosine) for rows in levels]
+        return [rows[torch.from_numpy(index).to(rows.device)] for rows, index in zip(levels, kept, strict=True)]
 
     def set(self, features: Sequence[torch.Tensor]) -> None:
         """Store the references given as per-level feature maps ``(k, C_l, H_l, W_l)``."""

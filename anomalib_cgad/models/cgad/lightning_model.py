@@ -73,6 +73,9 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         normalise_by_references (bool): also standardise scores by the references' leave-one-out map. Defaults
             to ``False``: the boundaries and temperature learned on the training classes already put every class
             on one scale, and the standardisation collapsed F1 from mono to poly on ELPV (model README).
+        reference_coreset (float): share of each class's reference patches kept in its bank, a greedy k-center
+            coreset; the nearest-reference search then costs that share of the exact one. Defaults to ``1.0``
+            (every patch, exact search; the accuracy/latency trade-off is measured in the model README).
         lr (float): inner learning rate (constraintor + flow). Defaults to ``2e-4``.
         outer_lr (float): outer learning rate of the flow. Defaults to ``1e-4``.
         calibration_lr (float): learning rate of ``b`` and ``T``. Defaults to ``1e-2``.
@@ -102,6 +105,7 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         margin: str = "mean_gap",
         learn_temperature: bool = True,
         normalise_by_references: bool = False,
+        reference_coreset: float = 1.0,
         lr: float = 2e-4,
         outer_lr: float = 1e-4,
         calibration_lr: float = 1e-2,
@@ -145,6 +149,7 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             condition_dim=condition_dim,
             learn_temperature=learn_temperature,
             normalise_by_references=normalise_by_references,
+            reference_coreset=reference_coreset,
         )
         self.automatic_optimization = False
         self.sampler: EpisodeSampler | None = None

@@ -35,7 +35,7 @@ from torch import nn
 
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
-from anomalib_cgad.components.reference_bank import ReferenceBank, best_index, flatten_patches
+from anomalib_cgad.components.reference_bank import best_index, flatten_patches
 from anomalib_cgad.models.resad.torch_model import ResADModel
 
 
@@ -81,6 +81,8 @@ class CGADModel(ResADModel):
         learn_temperature (bool): learn T (else fixed at 1). Defaults to ``True``.
         normalise_by_references (bool): standardise scores by the references' leave-one-out map. Defaults to
             ``False`` (the learned ``b`` and ``T`` are the class-agnostic normalisation).
+        reference_coreset (float): share of the reference patches kept in the bank (greedy k-center coreset).
+            Defaults to ``1.0`` (exact search).
 
     Attributes:
         boundary (nn.Parameter): per-level ``b_l``.
@@ -100,6 +102,7 @@ class CGADModel(ResADModel):
         temperature_bounds: tuple[float, float] = (0.5, 10.0),
         learn_temperature: bool = True,
         normalise_by_references: bool = False,
+        reference_coreset: float = 1.0,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -110,6 +113,7 @@ class CGADModel(ResADModel):
             coupling_blocks=coupling_blocks,
             condition_dim=condition_dim,
             score="likelihood",
+            reference_coreset=reference_coreset,
         )
         self.boundary = nn.Parameter(torch.zeros(len(self.backbone.channels)))
         self.temperature = BoundedTemperature(1.0, temperature_bounds, learn=learn_temperature)
@@ -133,7 +137,7 @@ class CGADModel(ResADModel):
     def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Bank levels of the references plus ``scale = (μ, σ)`` of their leave-one-out maps (shape ``(2,)``)."""
         features = self.backbone(images)
-        levels = ReferenceBank.build(features)
+        levels = self.bank.build(features)
         residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
         constrained = self.constraintor(residuals)
         logps = [self.flow(level, feature)[0] for level, feature in enumerate(constrained)]

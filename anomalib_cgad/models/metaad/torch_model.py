@@ -198,7 +198,7 @@ class MetaADModel(nn.Module):
     @torch.no_grad()
     def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
         """One bank tensor: all projected reference patches ``(k·H·W, C_in)``."""
-        return ReferenceBank.build([self.embed(images)])
+        return self.bank.build([self.embed(images)])
 
     def set_reference(self, images: torch.Tensor) -> None:
         """Make normalised ``images`` the references."""

@@ -104,6 +104,9 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         fdm_beta (float): weight β of the codebook term of the VQ loss. Defaults to ``0.25``.
         fdm_lr (float): learning rate of the codebook's Adam, relative to the spread of each level's residuals
             (level ``l`` uses ``fdm_lr · std_l``; see Notes). Defaults to ``1e-2``.
+        reference_coreset (float): share of each class's reference patches kept in its bank, a greedy k-center
+            coreset; the nearest-reference search then costs that share of the exact one. Defaults to ``1.0``
+            (every patch, exact search; the accuracy/latency trade-off is measured in the model README).
         pre_processor, post_processor, evaluator, visualizer: anomalib components. Default ``True``.
 
     Notes:
@@ -148,6 +151,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         fdm_alpha: float = 0.4,
         fdm_beta: float = 0.25,
         fdm_lr: float = 1e-2,
+        reference_coreset: float = 1.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: nn.Module | bool = True,
@@ -196,6 +200,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             fdm_codes=fdm_codes,
             fdm_alpha=fdm_alpha,
             fdm_beta=fdm_beta,
+            reference_coreset=reference_coreset,
         )
         self.automatic_optimization = False
         self._boundaries = [BoundaryEMA() for _ in self.model.backbone.channels]

@@ -63,6 +63,8 @@ class ResADModel(nn.Module):
         fdm_codes (int): codes per level. Defaults to ``1536``.
         fdm_alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
         fdm_beta (float): weight of the codebook term of the VQ loss. Defaults to ``0.25``.
+        reference_coreset (float): share of the reference patches kept in the bank (greedy k-center coreset):
+            the nearest-reference search costs this share of the exact one. Defaults to ``1.0`` (exact).
 
     Attributes:
         backbone (FeatureExtractor): frozen feature extractor.
@@ -88,6 +90,7 @@ class ResADModel(nn.Module):
         fdm_codes: int = 1536,
         fdm_alpha: float = 0.4,
         fdm_beta: float = 0.25,
+        reference_coreset: float = 1.0,
     ) -> None:
         super().__init__()
         if score not in {"likelihood", "merged"}:
@@ -98,7 +101,7 @@ class ResADModel(nn.Module):
             raise ValueError(msg)
         self.backbone = FeatureExtractor(backbone, layers, backbone_weights)
         channels = self.backbone.channels
-        self.bank = ReferenceBank(len(channels), matching=matching, residual=residual)
+        self.bank = ReferenceBank(len(channels), matching=matching, residual=residual, coreset=reference_coreset)
         self.constraintor = FeatureConstraintor(channels)
         self.flow = ConditionalFlow(channels, coupling_blocks=coupling_blocks, condition_dim=condition_dim)
         self.codebook = ResidualCodebook(channels, num_codes=fdm_codes, beta=fdm_beta) if fdm else None
@@ -111,7 +114,7 @@ class ResADModel(nn.Module):
     @torch.no_grad()
     def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Bank tensors (one ``(k·H_l·W_l, C_l)`` per level) of normalised reference images."""
-        return ReferenceBank.build(self.backbone(images))
+        return self.bank.build(self.backbone(images))
 
     def set_reference(self, images: torch.Tensor) -> None:
         """Make normalised ``images`` ``(k, 3, H, W)`` the reference bank."""
@@ -129,6 +132,7 @@ class ResADModel(nn.Module):
             "channels": self.backbone.channels,
             "matching": self.bank.matching,
             "residual": self.bank.residual,
+            "reference_coreset": self.bank.coreset,
         }
 
     # ----------------------------------------------------------------- scoring
