@@ -140,6 +140,24 @@ def test_parity_torch_vs_openvino_with_the_same_bank(exported, synthetic_root) -
     assert diffs["label_flips"] == 0
 
 
+def test_one_export_takes_banks_of_any_k(exported, synthetic_root) -> None:
+    """Exported with k = 2, the graphs take 1 or 3 references: no row count may be frozen into them."""
+    model, _, _, folder = exported
+    inferencer = BankInferencer(folder)
+    queries = _paths(synthetic_root, "waves", "test")
+    for k in (1, 3):
+        paths = _paths(synthetic_root, "waves", "train", k)
+        bank = inferencer.compute_bank(paths)
+        assert bank.tensors[0].shape[0] == k * (SIZE // 8) ** 2
+        with torch.no_grad():
+            torch_bank = model.model.compute_bank(model.pre_processor.transform(load_images(paths, (96, 96))))
+        for ov_rows, torch_rows in zip(bank.tensors, torch_bank, strict=True):
+            assert np.abs(ov_rows - torch_rows.numpy()).max() <= TOLERANCE
+        load_model_bank(model, _save(bank, folder.parent / f"bank_k{k}.npz"))
+        expected = _torch_predict(model, queries).pred_score.numpy()
+        assert np.abs(inferencer.predict(queries, bank)["pred_score"] - expected).max() <= TOLERANCE
+
+
 def test_openvino_encoder_bank_gets_the_same_coreset_as_torch(exported, synthetic_root) -> None:
     """With ``reference_coreset < 1`` the torch-free inferencer keeps the rows torch keeps, and scores alike."""
     model, _, _, folder = exported
