@@ -13,9 +13,15 @@ batch 1 and batch 8 of:
 4. ``<model> (OpenVINO bf16)``: the CPU plugin's bf16 mode, only when the CPU reports BF16 (labelled; its
    scores move by ~1e-2, see the README).
 
+With ``--compare KEY=VALUE ...`` a second variant of the model (the same weights, those constructor arguments
+changed, e.g. ``reference_coreset=0.5``) is exported and timed in the same rounds, as rows named
+``<model> (KEY=VALUE)``.
+
 The model is **untrained** (random flow and constraintor weights, ImageNet backbone, bank from k random
 images): latency does not depend on the trained values. Every timing takes ``--warmup`` un-timed calls, then
-``--iterations`` timed calls; the table reports the median. Results go to a new
+``--iterations`` timed rounds; each round calls every component once, in turn, so a slow spell of the machine
+hits all of them alike instead of one (on this shared 2-core machine the same backbone measured 11.9 and
+14.6 ms per image in two runs minutes apart). The table reports each component's median. Results go to a new
 ``<out>/<model>_<size>px/v<N>/`` folder (``results.csv``, ``results.md``, ``environment.json``); an existing
 folder is never reused.
 
@@ -38,7 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +53,19 @@ import torch
 MODELS = ("CGAD", "ResAD", "MetaAD")
 
 
-def _timed(function: Callable[[], object], warmup: int, iterations: int) -> float:
-    """Median wall time of ``function`` in seconds after ``warmup`` un-timed calls."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_rounds(functions: Sequence[Callable[[], object]], warmup: int, iterations: int) -> list[float]:
+    """Median wall time (s) of each function over ``iterations`` rounds that call every function once, in turn.
+
+    ``warmup`` un-timed rounds come first.
+    """
+    times: list[list[float]] = [[] for _ in functions]
+    for round_index in range(warmup + iterations):
+        for function, record in zip(functions, times, strict=True):
+            start = time.perf_counter()
+            function()
+            if round_index >= warmup:
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def _next_folder(root: Path, name: str) -> Path:
@@ -106,6 +115,14 @@ def build_model(name: str, size: int, k: int, seed: int, options: dict | None = 
     return model
 
 
+def _variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(component name, constructor arguments) of the model and of its ``--compare`` variant."""
+    variants = [(args.model, dict(args.set))]
+    if args.compare:
+        variants.append((f"{args.model}{_options_text(args.compare)}", {**args.set, **args.compare}))
+    return variants
+
+
 def run(args: argparse.Namespace) -> tuple[list[dict], Path]:
     """Time every variant at every batch size; write the results; return the rows and the folder."""
     import openvino as ov
@@ -116,42 +133,46 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Path]:
         torch.set_num_threads(args.threads)
     suffix = "".join(f"_{key}{value}" for key, value in args.set.items())
     folder = _next_folder(Path(args.out), f"{args.model}{suffix}_{args.image_size}px")
-    model = build_model(args.model, args.image_size, args.k, args.seed, args.set)
     size = args.image_size
+    models = {name: build_model(args.model, size, args.k, args.seed, options) for name, options in _variants(args)}
+    first = next(iter(models.values()))
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     if args.threads:
         config["INFERENCE_NUM_THREADS"] = args.threads
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"Exporting {args.model} ({size}px) and its backbone to OpenVINO ...", flush=True)
+        print(f"Exporting {', '.join(models)} ({size}px) and the backbone to OpenVINO ...", flush=True)
         start = time.perf_counter()
-        export_folder = export_swappable_bank(model, tmp, input_size=None)
+        inferencers: dict[tuple[str, str], tuple] = {}
+        for index, (name, model) in enumerate(models.items()):
+            export_folder = export_swappable_bank(model, Path(tmp) / f"model_{index}", input_size=None)
+            f32 = BankInferencer(export_folder, config=config)
+            inferencers[(name, "f32")] = (f32, f32.default_bank)
+            if _bf16_supported(core) and not args.no_bf16:
+                bf16 = BankInferencer(export_folder, config={**config, "INFERENCE_PRECISION_HINT": "bf16"})
+                inferencers[(name, "bf16")] = (bf16, f32.default_bank)
         backbone_xml = Path(tmp) / "backbone.xml"
-        _export_backbone(model.model.backbone, size, backbone_xml)
+        _export_backbone(first.model.backbone, size, backbone_xml)
         export_seconds = time.perf_counter() - start
-        inferencers = {"f32": BankInferencer(export_folder, config=config)}
-        if _bf16_supported(core) and not args.no_bf16:
-            inferencers["bf16"] = BankInferencer(export_folder, config={**config, "INFERENCE_PRECISION_HINT": "bf16"})
         ov_backbone = core.compile_model(backbone_xml, "CPU", config)
-        bank = inferencers["f32"].default_bank
         rows = []
         for batch_size in args.batch_sizes:
             images = torch.rand(batch_size, 3, size, size)
-            normalised = model.pre_processor.transform(images)
+            normalised = first.pre_processor.transform(images)
             array = images.numpy()
             normalised_array = normalised.numpy()
             variants: list[tuple[str, str, str, Callable[[], object]]] = [
-                ("backbone", "torch", "f32", lambda x=normalised: model.model.backbone(x)),
-                (args.model, "torch", "f32", lambda x=images: model(x)),
+                ("backbone", "torch", "f32", lambda x=normalised: first.model.backbone(x)),
+                *((name, "torch", "f32", lambda x=images, m=model: m(x)) for name, model in models.items()),
                 ("backbone", "OpenVINO", "f32", lambda x=normalised_array: ov_backbone(x)),
             ]
-            for precision, inferencer in inferencers.items():
+            for (name, precision), (inferencer, bank) in inferencers.items():
                 variants.append(
-                    (args.model, "OpenVINO", precision, lambda x=array, i=inferencer: i.model([x, *bank.tensors]))
+                    (name, "OpenVINO", precision, lambda x=array, i=inferencer, b=bank: i.model([x, *b.tensors]))
                 )
-            for component, runtime, precision, function in variants:
-                with torch.no_grad():
-                    seconds = _timed(function, args.warmup, args.iterations)
+            with torch.no_grad():
+                medians = timed_rounds([function for *_, function in variants], args.warmup, args.iterations)
+            for (component, runtime, precision, _), seconds in zip(variants, medians, strict=True):
                 rows.append({
                     "model": args.model,
                     "component": component,
@@ -202,6 +223,7 @@ def _environment(args: argparse.Namespace, export_seconds: float) -> dict:
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.deploy_speed", *sys.argv[1:]]),
         "model": args.model,
         "model_args": args.set,
+        "compare_args": args.compare,
         "image_size": args.image_size,
         "k_shot": args.k,
         "warmup": args.warmup,
@@ -228,7 +250,8 @@ def _write(folder: Path, rows: list[dict], args: argparse.Namespace, export_seco
     header = (
         f"# Deployment speed: {args.model}{_options_text(args.set)}, {args.image_size}px, k={args.k} "
         "(untrained weights; timing only)\n\n"
-        f"`{environment['command']}`: median of {args.iterations} calls after {args.warmup} warm-up calls, "
+        f"`{environment['command']}`: median of {args.iterations} interleaved rounds after {args.warmup} warm-up "
+        "rounds (each round calls every row's component once), "
         f"{environment['cpu_count']} CPU(s), torch {environment['torch']} ({environment['torch_threads']} threads), "
         f"OpenVINO {environment['openvino']}, 1-min load average at the end {environment['loadavg_1min']}.\n\n"
     )
@@ -270,9 +293,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="model constructor arguments, e.g. --set coupling_blocks=2 condition_dim=32",
     )
+    parser.add_argument(
+        "--compare",
+        type=_model_option,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time the model with these arguments changed, in the same rounds (e.g. reference_coreset=0.5)",
+    )
     parser.add_argument("--out", default="results/deploy_speed")
     args = parser.parse_args(argv)
     args.set = dict(args.set)
+    args.compare = dict(args.compare)
     if args.image_size < 32 or min(args.batch_sizes) < 1 or args.iterations < 1 or args.warmup < 0 or args.k < 1:
         parser.error("--image-size >= 32, --batch-sizes >= 1, --iterations >= 1, --warmup >= 0 and --k >= 1.")
     return args

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -147,3 +148,18 @@ def test_deploy_speed_builds_the_model_with_the_given_constructor_arguments() ->
     assert model.model.bank.is_set
     with pytest.raises(SystemExit):
         parse_args(["--set", "coupling_blocks"])  # argparse reports the KEY=VALUE format and exits
+
+
+def test_deploy_speed_times_every_component_in_each_round_and_parses_a_comparison() -> None:
+    from benchmarks.deploy_speed import _variants, parse_args, timed_rounds
+
+    calls: list[str] = []
+    medians = timed_rounds([lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002))], 1, 3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, three timed rounds, interleaved
+    assert medians[1] >= 0.002 > medians[0]
+    args = parse_args(["--set", "coupling_blocks=2", "--compare", "reference_coreset=0.5"])
+    assert _variants(args) == [
+        ("CGAD", {"coupling_blocks": 2}),
+        ("CGAD (reference_coreset=0.5)", {"coupling_blocks": 2, "reference_coreset": 0.5}),
+    ]
+    assert _variants(parse_args([])) == [("CGAD", {})]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
+from anomalib_cgad.components.tracing import is_tracing
 from anomalib_cgad.deploy.inferencer import coreset_indices
 from anomalib_cgad.safe_load import load_weights_only
 from anomalib_cgad.validation import check_choice
@@ -214,7 +215,7 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         same coreset with the same function (the greedy loop is data-dependent, not a graph).
         """
         levels = [flatten_patches(feature) for feature in features]
-        if self.coreset >= 1.0 or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        if self.coreset >= 1.0 or is_tracing():
             return levels
         cosine = self.matching == "cosine"
         kept = [coreset_indices(rows.detach().float().cpu().numpy(), self.coreset, cosine) for rows in levels]

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
+from anomalib_cgad.components.tracing import is_tracing
+
 
 class AnomalyMapGenerator(nn.Module):
     """Up-sample, sum and smooth per-level patch scores.
@@ -37,9 +39,22 @@ class AnomalyMapGenerator(nn.Module):
         self.blur = GaussianBlur2d(kernel_size=(kernel_size, kernel_size), sigma=(sigma, sigma), channels=1)
         kernel = self.blur.kernel[0, 0]  # normalised outer product k_y k_xᵀ
         self.register_buffer("kernel_y", kernel.sum(1).view(1, 1, -1, 1).clone(), persistent=False)
+        self._operators: dict[tuple, torch.Tensor] = {}
 
     def axis_operator(self, size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
-        """``(size_out, size_in)`` matrix of 1-D bilinear up-sampling followed by the padded 1-D Gaussian."""
+        """``(size_out, size_in)`` matrix of 1-D bilinear up-sampling followed by the padded 1-D Gaussian.
+
+        Kept per ``(size_in, size_out, dtype, device)`` (it depends on nothing else) except while tracing.
+        """
+        key = (size_in, size_out, like.dtype, like.device)
+        if key in self._operators:
+            return self._operators[key]
+        operator = self._axis_operator(size_in, size_out, like)
+        if not is_tracing():
+            self._operators[key] = operator
+        return operator
+
+    def _axis_operator(self, size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(size_in, dtype=like.dtype, device=like.device).view(size_in, 1, size_in, 1)
         lines = F.interpolate(eye, size=(size_out, 1), mode="bilinear", align_corners=False)
         pad_top, pad_bottom = self.blur.padding_shape[2:]
