@@ -145,19 +145,23 @@ def test_residuals_export_with_the_bank_as_an_input_of_dynamic_size(matching: st
         assert torch.allclose(exported(feature, bank), module(feature, bank), atol=1e-6)
 
 
-def test_export_form_of_best_index_is_argmax_ties_included(monkeypatch) -> None:
-    """The ``ReduceMax``/``Where`` form used while exporting (OpenVINO's ``TopK`` was slow) returns ``argmax``'s
-    index, the first one on ties, for one bank and for one bank per sample."""
+@pytest.mark.parametrize("candidates", [40, 512, 1600, 1000])  # argmax; two-stage (one block, blocks, padded)
+def test_every_form_of_best_index_is_argmax_ties_included(monkeypatch, candidates: int) -> None:
+    """The two-stage search (eager, many candidates) and the ``ReduceMax``/``Where`` form used while exporting
+    (OpenVINO's ``TopK`` was slow) return ``argmax``'s index, the first one on ties, for one bank and for one
+    bank per sample."""
     torch.manual_seed(0)
-    scores = torch.randn(3, 50, 40).round(decimals=1)  # rounding makes many rows with tied maxima
+    scores = torch.randn(3, 50, candidates).round(decimals=1)  # rounding makes many rows with tied maxima
     scores[0, 0] = 0.0  # a row that is all ties
+    scores[0, 1, -1] = 9.0  # the maximum in the last (padded) block
     eager = best_index(scores)
     assert torch.equal(eager, scores.argmax(dim=-1))
+    assert torch.equal(best_index(scores[1]), scores[1].argmax(dim=-1))
+    assert eager[0, 0] == 0 and eager[0, 1] == candidates - 1
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     exported_form = best_index(scores)
     assert exported_form.dtype == eager.dtype
     assert torch.equal(exported_form, eager)
-    assert exported_form[0, 0] == 0
     queries, bank = torch.randn(30, 8), torch.randn(64, 8)
     monkeypatch.undo()
     expected = [nearest_reference(queries, bank, m) for m in ("l2", "cosine")]

@@ -56,22 +56,40 @@ def flatten_patches(feature: torch.Tensor) -> torch.Tensor:
     return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
+BLOCK = 64  # reference patches per block of the two-stage search in best_index
+
+
 def best_index(score: torch.Tensor) -> torch.Tensor:
     """Index of the largest ``score`` along the last axis (the first one on ties), ``argmax``'s result.
+
+    Eager torch, with at least ``8 · BLOCK`` candidates: two stages. The maximum of each block of ``BLOCK``
+    candidates (``amax`` is vectorised), the first block holding the overall maximum (``argmax`` over
+    ``M / BLOCK`` values), then ``argmax`` inside that block. torch's CPU ``argmax`` is not vectorised: over
+    400 queries × 1,600 reference patches it took 0.56 ms against 0.03 ms for ``amax``; the two stages take
+    0.16 ms (1,024 × 4,096: 3.6 → 0.9 ms).
 
     While exporting to ONNX it is written as ``ReduceMax`` → ``Where`` → ``ReduceMin`` instead: ``argmax``
     becomes OpenVINO's ``TopK``, which took 19 of the 47 ms of a 256 px CGAD forward on one CPU thread
     (1,024 queries × 4,096 reference patches); this form gives the same index in 8 ms there. The bank's row
-    count stays dynamic in the exported graph. Eager torch keeps
-    ``argmax``, which is the faster one in torch (tests/test_reference_bank.py checks both agree, ties included).
+    count stays dynamic in the exported graph. tests/test_reference_bank.py checks that all three forms agree,
+    ties included.
     """
-    if not torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export():
+        best = score.amax(dim=-1, keepdim=True)
+        # No Python number made from the row count: float(count) would freeze the bank's dynamic row count
+        # into the graph, and a bank of other k (or a coreset) would then be rejected by the exported model.
+        position = torch.arange(score.shape[-1], device=score.device, dtype=score.dtype)
+        return torch.where(score == best, position, float("inf")).amin(dim=-1).long()
+    count = score.shape[-1]
+    if is_tracing() or count < 8 * BLOCK:  # tracing first: comparing a dynamic size would fix it
         return score.argmax(dim=-1)
-    best = score.amax(dim=-1, keepdim=True)
-    # No Python number made from the row count: float(count) would freeze the bank's dynamic row count
-    # into the graph, and a bank of other k (or a coreset) would then be rejected by the exported model.
-    position = torch.arange(score.shape[-1], device=score.device, dtype=score.dtype)
-    return torch.where(score == best, position, float("inf")).amin(dim=-1).long()
+    padding = -count % BLOCK
+    if padding:  # -inf candidates complete the last block and are never the maximum
+        score = F.pad(score, (0, padding), value=float("-inf"))
+    blocks = score.unflatten(-1, (-1, BLOCK))
+    block = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)
+    inside = torch.gather(blocks, -2, block.unsqueeze(-1).expand(*block.shape, BLOCK)).squeeze(-2).argmax(dim=-1)
+    return block.squeeze(-1) * BLOCK + inside
 
 
 def nearest_reference(queries: torch.Tensor, bank: torch.Tensor, matching: str = "l2") -> torch.Tensor:
