@@ -101,16 +101,20 @@ class FoldedBlock(NamedTuple):
     """One ``AllInOneBlock``'s weights rearranged for inference (:meth:`ConditionalFlow.forward` in eval mode).
 
     The block computes ``y = W·(s ⊙ [x₁, x₂'] + o)`` after its coupling ``x₂' = x₂·exp(c·tanh(a_s)) + a_t``
-    with ``a = 0.1·subnet(x₁)``. Folded: the 0.1 into the subnet's last layer, the global scale ``s`` and offset
-    ``o`` into the rotation ``W`` (``W·diag(s)`` split into its passive and active columns, bias ``W·o``), and
-    ``Σ log s`` into one constant, so a block is three matrix products and a few element-wise operations
-    instead of about 25 operations (the flow was dispatch-bound on small inputs).
+    with ``a = 0.1·subnet(x₁)``. Folded: the global scale ``s`` and offset ``o`` into the rotation ``W``
+    (``W·diag(s)`` split into its passive and active columns, bias ``W·o``), ``Σ log s`` into one constant,
+    and ``tanh`` written as ``tanh(t) = 2σ(2t) − 1`` (torch's CPU ``tanh`` took 21 µs where ``sigmoid`` took 4
+    on a 400 × 20 block), the 0.1 and the 2 going into the subnet's last layer, split into its ``a_s`` and
+    ``a_t`` rows. A block is then four matrix products and a few element-wise operations instead of about 25
+    operations (the flow was dispatch-bound on small inputs).
     """
 
     passive: int  # channels of x₁
     first: torch.Tensor  # (d, hidden): the subnet's first layer on x₁ (the code's share comes from the subnet)
-    last: torch.Tensor  # (hidden, 2·d₂): 0.1 · the last layer
-    last_bias: torch.Tensor
+    to_scale: torch.Tensor  # (hidden, d₂): 0.2 · the last layer's a_s rows, so that c·tanh(a_s) = c·(2σ(·) − 1)
+    to_scale_bias: torch.Tensor
+    to_shift: torch.Tensor  # (hidden, d₂): 0.1 · the last layer's a_t rows
+    to_shift_bias: torch.Tensor
     rotate_passive: torch.Tensor  # (d, C): rows of (W·diag(s))ᵀ for x₁
     rotate_active: torch.Tensor  # (d₂, C): rows for x₂'
     offset: torch.Tensor  # (C,): W·o
@@ -120,6 +124,7 @@ class FoldedBlock(NamedTuple):
 def fold_block(block: AllInOneBlock) -> FoldedBlock:
     """The :class:`FoldedBlock` of one of :func:`coupling_flow`'s blocks."""
     passive = block.splits[0]
+    active = block.splits[1]
     first, _, last = block.subnet
     scale = block.global_scale_activation(block.global_scale).reshape(-1)
     rotation = block.w_perm.reshape(block.w_perm.shape[0], -1)
@@ -127,8 +132,10 @@ def fold_block(block: AllInOneBlock) -> FoldedBlock:
     return FoldedBlock(
         passive=passive,
         first=first.weight[:, :passive].T,
-        last=0.1 * last.weight.T,
-        last_bias=0.1 * last.bias,
+        to_scale=0.2 * last.weight[:active].T,
+        to_scale_bias=0.2 * last.bias[:active],
+        to_shift=0.1 * last.weight[active:].T,
+        to_shift_bias=0.1 * last.bias[active:],
         rotate_passive=scaled[:passive],
         rotate_active=scaled[passive:],
         offset=rotation @ block.global_offset.reshape(-1),
@@ -243,9 +250,10 @@ class ConditionalFlow(nn.Module):
             passive, active = rows[:, : folded.passive], rows[:, folded.passive :]
             position = block.subnet.position_bias(grid)
             hidden = (passive @ folded.first).unflatten(0, (-1, position.shape[0])) + position
-            coefficients = torch.addmm(folded.last_bias, block.subnet[1](hidden.flatten(0, 1)), folded.last)
-            log_scale = block.clamp * torch.tanh(coefficients[:, : active.shape[1]])
-            active = active * torch.exp(log_scale) + coefficients[:, active.shape[1] :]
+            hidden = block.subnet[1](hidden.flatten(0, 1))
+            log_scale = torch.sigmoid(torch.addmm(folded.to_scale_bias, hidden, folded.to_scale))
+            log_scale = (2 * block.clamp) * log_scale - block.clamp  # = c·tanh(a_s)
+            active = torch.addcmul(torch.addmm(folded.to_shift_bias, hidden, folded.to_shift), active, log_scale.exp())
             log_jac_det = log_jac_det + log_scale.sum(dim=1) + folded.log_scale
             rows = torch.addmm(torch.addmm(folded.offset, passive, folded.rotate_passive), active, folded.rotate_active)
         return _per_row(rows, log_jac_det)
