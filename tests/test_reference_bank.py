@@ -162,13 +162,16 @@ def test_every_form_of_best_index_is_argmax_ties_included(monkeypatch, candidate
     exported_form = best_index(scores)
     assert exported_form.dtype == eager.dtype
     assert torch.equal(exported_form, eager)
-    queries, bank = torch.randn(30, 8), torch.randn(64, 8)
+    # nearest_reference pads the bank while exporting (copies of row 0): same rows, any bank size
+    queries, bank = torch.randn(2, 30, 8), torch.randn(2, candidates, 8)
+    bank[:, -1] = queries[:, 0]  # row 0 of each sample matches the last bank row, whatever the padding
     monkeypatch.undo()
-    expected = [nearest_reference(queries, bank, m) for m in ("l2", "cosine")]
+    expected = {m: nearest_reference(queries, bank, m) for m in ("l2", "cosine")}
+    assert all(torch.equal(expected[m][:, 0], bank[:, -1]) for m in ("l2", "cosine"))
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    assert all(
-        torch.equal(nearest_reference(queries, bank, m), e) for m, e in zip(("l2", "cosine"), expected, strict=True)
-    )
+    for matching, rows in expected.items():
+        assert torch.equal(nearest_reference(queries, bank, matching), rows)
+        assert torch.equal(nearest_reference(queries[0], bank[0], matching), rows[0])
 
 
 def _covering_radius(rows: torch.Tensor, kept: torch.Tensor) -> float:

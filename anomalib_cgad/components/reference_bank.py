@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,36 +60,47 @@ def flatten_patches(feature: torch.Tensor) -> torch.Tensor:
 BLOCK = 64  # reference patches per block of the two-stage search in best_index
 
 
-def best_index(score: torch.Tensor) -> torch.Tensor:
+def _first_max(score: torch.Tensor) -> torch.Tensor:
+    """``argmax`` written as ``ReduceMax`` → ``Equal`` → ``Where`` → ``ReduceMin`` (for export graphs).
+
+    No Python number is made from the row count: ``float(count)`` would freeze the bank's dynamic row count
+    into the graph, and a bank of other k (or a coreset) would then be rejected by the exported model.
+    """
+    best = score.amax(dim=-1, keepdim=True)
+    position = torch.arange(score.shape[-1], device=score.device, dtype=score.dtype)
+    return torch.where(score == best, position, float("inf")).amin(dim=-1).long()
+
+
+def best_index(score: torch.Tensor, aligned: bool = False) -> torch.Tensor:
     """Index of the largest ``score`` along the last axis (the first one on ties), ``argmax``'s result.
 
-    Eager torch, with at least ``8 · BLOCK`` candidates: two stages. The maximum of each block of ``BLOCK``
-    candidates (``amax`` is vectorised), the first block holding the overall maximum (``argmax`` over
-    ``M / BLOCK`` values), then ``argmax`` inside that block. torch's CPU ``argmax`` is not vectorised: over
-    400 queries × 1,600 reference patches it took 0.56 ms against 0.03 ms for ``amax``; the two stages take
-    0.16 ms (1,024 × 4,096: 3.6 → 0.9 ms).
+    With at least ``8 · BLOCK`` candidates, in two stages: the maximum of each block of ``BLOCK`` candidates
+    (``amax`` is vectorised), the first block holding the overall maximum, then the first maximum inside that
+    block. Only the block maxima pass over the whole ``N × M`` score matrix.
 
-    While exporting to ONNX it is written as ``ReduceMax`` → ``Where`` → ``ReduceMin`` instead: ``argmax``
-    becomes OpenVINO's ``TopK``, which took 19 of the 47 ms of a 256 px CGAD forward on one CPU thread
-    (1,024 queries × 4,096 reference patches); this form gives the same index in 8 ms there. The bank's row
-    count stays dynamic in the exported graph. tests/test_reference_bank.py checks that all three forms agree,
-    ties included.
+    - Eager torch: the stages use ``argmax`` on the small tensors. torch's CPU ``argmax`` is not vectorised:
+      over 400 queries × 1,600 reference patches it took 0.56 ms against 0.03 ms for ``amax``; the two stages
+      take 0.16 ms (1,024 × 4,096: 3.6 → 0.9 ms).
+    - Exporting to ONNX: the stages use :func:`_first_max` (``argmax`` becomes OpenVINO's ``TopK``, which took
+      19 of the 47 ms of a 256 px CGAD forward on one CPU thread), with the block padding computed from the
+      dynamic row count, so the exported graph takes a bank of any size.
+
+    ``aligned=True`` promises a candidate count that is a multiple of ``BLOCK`` (:func:`nearest_reference` pads
+    the bank, not the ``N × M`` scores, while exporting: an OpenVINO ``Pad`` of the scores copied the whole
+    matrix, 2.1 of 26 ms at 256 px). tests/test_reference_bank.py checks that every form gives ``argmax``'s
+    index, ties included.
     """
-    if torch.onnx.is_in_onnx_export():
-        best = score.amax(dim=-1, keepdim=True)
-        # No Python number made from the row count: float(count) would freeze the bank's dynamic row count
-        # into the graph, and a bank of other k (or a coreset) would then be rejected by the exported model.
-        position = torch.arange(score.shape[-1], device=score.device, dtype=score.dtype)
-        return torch.where(score == best, position, float("inf")).amin(dim=-1).long()
-    count = score.shape[-1]
-    if is_tracing() or count < 8 * BLOCK:  # tracing first: comparing a dynamic size would fix it
+    exporting = torch.onnx.is_in_onnx_export()
+    if not exporting and (is_tracing() or score.shape[-1] < 8 * BLOCK):  # tracing first: no guard on a dynamic size
         return score.argmax(dim=-1)
-    padding = -count % BLOCK
-    if padding:  # -inf candidates complete the last block and are never the maximum
-        score = F.pad(score, (0, padding), value=float("-inf"))
+    first_max = _first_max if exporting else partial(torch.argmax, dim=-1)
+    if not exporting and score.shape[-1] % BLOCK:
+        score = F.pad(score, (0, -score.shape[-1] % BLOCK), value=float("-inf"))
+    elif exporting and not aligned:  # a symbolic padding (possibly 0): -inf candidates are never the maximum
+        score = F.pad(score, (0, (BLOCK - score.shape[-1] % BLOCK) % BLOCK), value=float("-inf"))
     blocks = score.unflatten(-1, (-1, BLOCK))
-    block = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)
-    inside = torch.gather(blocks, -2, block.unsqueeze(-1).expand(*block.shape, BLOCK)).squeeze(-2).argmax(dim=-1)
+    block = first_max(blocks.amax(dim=-1)).unsqueeze(-1)
+    inside = first_max(torch.gather(blocks, -2, block.unsqueeze(-1).expand(*block.shape, BLOCK)).squeeze(-2))
     return block.squeeze(-1) * BLOCK + inside
 
 
@@ -111,14 +123,18 @@ def nearest_reference(queries: torch.Tensor, bank: torch.Tensor, matching: str =
         >>> nearest_reference(torch.tensor([[1.0, 0.1]]), bank, "cosine")
         tensor([[10.,  0.]])
     """
+    aligned = torch.onnx.is_in_onnx_export()
+    if aligned:  # copies of row 0 fill the last block: they tie with row 0 and the first index wins
+        padding = (BLOCK - bank.shape[-2] % BLOCK) % BLOCK
+        bank = torch.cat([bank, bank[..., :1, :].expand(*bank.shape[:-2], padding, bank.shape[-1])], dim=-2)
     if matching == "cosine":
         similarity = F.normalize(queries, dim=-1) @ F.normalize(bank, dim=-1).transpose(-1, -2)
-        index = best_index(similarity)
+        index = best_index(similarity, aligned)
     else:
         distance = (
             (queries**2).sum(-1, keepdim=True) - 2 * queries @ bank.transpose(-1, -2) + (bank**2).sum(-1).unsqueeze(-2)
         )
-        index = best_index(-distance)
+        index = best_index(-distance, aligned)
     return torch.gather(bank, -2, index.unsqueeze(-1).expand(*index.shape, bank.shape[-1]))
 
 
