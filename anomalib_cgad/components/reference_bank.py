@@ -82,8 +82,9 @@ def best_index(score: torch.Tensor, aligned: bool = False) -> torch.Tensor:
       over 400 queries × 1,600 reference patches it took 0.56 ms against 0.03 ms for ``amax``; the two stages
       take 0.16 ms (1,024 × 4,096: 3.6 → 0.9 ms).
     - Exporting to ONNX: the stages use :func:`_first_max` (``argmax`` becomes OpenVINO's ``TopK``, which took
-      19 of the 47 ms of a 256 px CGAD forward on one CPU thread), with the block padding computed from the
-      dynamic row count, so the exported graph takes a bank of any size.
+      19 of the 47 ms of a 256 px CGAD forward on one CPU thread). Only with ``aligned=True``; otherwise one
+      :func:`_first_max` over all candidates (a padding computed from a product of dynamic sizes, as in
+      CGAD's bank encoder, broke ``torch.export``'s shape solver).
 
     ``aligned=True`` promises a candidate count that is a multiple of ``BLOCK`` (:func:`nearest_reference` pads
     the bank, not the ``N × M`` scores, while exporting: an OpenVINO ``Pad`` of the scores copied the whole
@@ -91,13 +92,13 @@ def best_index(score: torch.Tensor, aligned: bool = False) -> torch.Tensor:
     index, ties included.
     """
     exporting = torch.onnx.is_in_onnx_export()
+    if exporting and not aligned:  # e.g. CGAD's leave-one-out search in the bank encoder (k·h·w candidates)
+        return _first_max(score)
     if not exporting and (is_tracing() or score.shape[-1] < 8 * BLOCK):  # tracing first: no guard on a dynamic size
         return score.argmax(dim=-1)
     first_max = _first_max if exporting else partial(torch.argmax, dim=-1)
-    if not exporting and score.shape[-1] % BLOCK:
+    if not exporting and score.shape[-1] % BLOCK:  # -inf candidates complete the last block, never the maximum
         score = F.pad(score, (0, -score.shape[-1] % BLOCK), value=float("-inf"))
-    elif exporting and not aligned:  # a symbolic padding (possibly 0): -inf candidates are never the maximum
-        score = F.pad(score, (0, (BLOCK - score.shape[-1] % BLOCK) % BLOCK), value=float("-inf"))
     blocks = score.unflatten(-1, (-1, BLOCK))
     block = first_max(blocks.amax(dim=-1)).unsqueeze(-1)
     inside = first_max(torch.gather(blocks, -2, block.unsqueeze(-1).expand(*block.shape, BLOCK)).squeeze(-2))
