@@ -39,8 +39,9 @@ def test_logp_is_the_exact_per_dimension_log_likelihood() -> None:
 
 
 def test_grid_path_equals_plain_rows_and_tracks_weight_changes() -> None:
-    """``forward`` on a grid (position share of the subnet computed once per position, cached in eval mode) gives
-    the values of the plain row path, with the same parameters and checkpoint keys as CFlow's ``cflow_head``."""
+    """``forward`` on a grid (position share of the subnet computed once per position; in eval mode the folded
+    blocks, both cached) gives the values of the plain row path, with the same parameters and checkpoint keys as
+    CFlow's ``cflow_head``."""
     import numpy as np
     from anomalib.models.image.cflow.utils import cflow_head
 
@@ -67,10 +68,13 @@ def test_grid_path_equals_plain_rows_and_tracks_weight_changes() -> None:
         assert torch.allclose(grid, plain, atol=1e-10)
     subnet = flow.flows[1].module_list[0].subnet
     assert subnet._cache is not None  # eval + no_grad: the position share is kept
-    with torch.no_grad():
-        subnet[0].weight.add_(0.5)  # an in-place change (optimiser step, load_state_dict) must not reuse the cache
-    grid, plain = both()
-    assert torch.allclose(grid, plain, atol=1e-10)
+    assert 1 in flow._folded  # ... and so are the folded blocks
+    block = flow.flows[1].module_list[2]
+    for change in (subnet[0].weight, block.global_scale, block.global_offset, block.subnet[2].bias):
+        with torch.no_grad():
+            change.add_(0.5)  # an in-place change (optimiser step, load_state_dict) must not reuse a cache
+        grid, plain = both()
+        assert torch.allclose(grid, plain, atol=1e-10)
     flow.train()
     grid_with_grad = flow(1, feature)[0]
     grid_with_grad.sum().backward()

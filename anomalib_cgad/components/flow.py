@@ -20,6 +20,9 @@ per position instead of once per row, and in eval mode keeps it until the weight
 test-time cost after the backbone (``benchmarks/deploy_speed.py``). The values are those of the plain
 subnet (tests/test_flow.py compares them).
 
+In eval mode :meth:`ConditionalFlow.forward` runs each block as a :class:`FoldedBlock` (the same function
+with its constants folded into fewer, larger operations; tests/test_flow.py compares the values).
+
 It also returns ``mean_c(z)``: with ResAD's abnormal density ``N(𝟙, I)`` the two-class softmax of normal
 vs abnormal likelihood is exactly ``σ(mean_c(z) − ½)`` (resad.md §8).
 
