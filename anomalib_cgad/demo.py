@@ -35,6 +35,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--k-shot", type=int, default=4, help="normal reference images of the unseen class")
     parser.add_argument("--reference-seed", type=int, default=0, help="which k references are drawn")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of weight initialisation and training (same seed, same numbers)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's demo preset)")
     parser.add_argument("--image-size", type=int, default=160, help="square input size (160 keeps the CPU demo short)")
     parser.add_argument("--out", default="results/demo", help="results root; each run gets a new v<N> folder")
@@ -146,7 +149,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
     """Train the chosen model on the source classes and test it on the unseen target classes."""
     from anomalib.engine import Engine
     from anomalib.models import get_model
+    from lightning.pytorch import seed_everything
 
+    # The models seed their own episodes, references and synthetic anomalies, but weight initialisation (and the
+    # flow's random rotations, drawn with numpy) use the global generators: without this, two runs differed by up
+    # to 0.004 image AUROC and 0.05 F1.
+    seed_everything(args.seed, workers=True, verbose=False)
     out = _next_version(Path(args.out))
     datamodule, title = build_datamodule(args.dataset, out, args.k_shot, args.reference_seed, args.image_size)
     model_class = type(get_model(args.model))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
@@ -67,3 +68,20 @@ def test_same_seed_same_scores_after_training_twice(cross_class, tmp_path) -> No
     differing = [key for key in weights_a if not torch.equal(weights_a[key], weights_b[key])]
     assert differing == []
     assert torch.equal(scores_a, scores_b), (scores_a, scores_b)
+
+
+@pytest.mark.slow
+def test_demo_gives_the_same_numbers_twice(tmp_path) -> None:
+    """``anomalib-cgad demo`` seeds weight initialisation too: two runs print the same metrics."""
+    import argparse
+
+    from anomalib_cgad.demo import add_demo_arguments
+
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser)
+    args = parser.parse_args(
+        ["--dataset", "synthetic", "--k-shot", "2", "--epochs", "1", "--image-size", "64", "--out", str(tmp_path)]
+    )
+    first, second = args.func(args), args.func(args)
+    assert first and first == second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v0", "v1"]  # two result folders, nothing overwritten
