@@ -99,21 +99,31 @@ def _parity(model, folder: Path, synthetic_root: Path) -> dict[str, float]:
     """Same bank (computed by the exported encoder, loaded into torch), same images: max |torch − OpenVINO|."""
     inferencer = BankInferencer(folder)
     bank = inferencer.compute_bank(_paths(synthetic_root, "waves", "train", 2))
-    with torch.no_grad():
-        refs = model.pre_processor.transform(load_images(_paths(synthetic_root, "waves", "train", 2), (96, 96)))
-        torch_bank = model.model.compute_bank(refs)
+    torch_bank = _torch_bank(model, _paths(synthetic_root, "waves", "train", 2))
     load_model_bank(model, _save(bank, folder.parent / "parity_bank.npz"))
     queries = [*_paths(synthetic_root, "waves", "test"), *list_images(synthetic_root / "waves" / "test" / "blob")]
     expected = _torch_predict(model, queries)
     result = inferencer.predict(queries, bank)
     diffs = {
-        "bank": max(float(np.abs(a - t.numpy()).max()) for a, t in zip(bank.tensors, torch_bank, strict=True)),
+        "bank": _bank_difference(bank, torch_bank),
         "pred_score": float(np.abs(result["pred_score"] - expected.pred_score.numpy()).max()),
         "anomaly_map": float(np.abs(result["anomaly_map"] - expected.anomaly_map.numpy()).max()),
         "label_flips": int((result["pred_label"].astype(bool) != expected.pred_label.numpy()).sum()),
     }
     print(f"\n{type(model.model).__name__} torch vs OpenVINO f32, {len(queries)} images, same bank: {diffs}")
     return diffs
+
+
+def _torch_bank(model, paths: list[Path]) -> list[torch.Tensor]:
+    """The bank the torch model computes from the reference image files."""
+    with torch.no_grad():
+        return model.model.compute_bank(model.pre_processor.transform(load_images(paths, (96, 96))))
+
+
+def _bank_difference(bank: Bank, torch_bank: list[torch.Tensor]) -> float:
+    """max |OpenVINO − torch| over the bank tensors, which must have the same shapes."""
+    assert [a.shape for a in bank.tensors] == [tuple(t.shape) for t in torch_bank]
+    return max(float(np.abs(a - t.numpy()).max()) for a, t in zip(bank.tensors, torch_bank, strict=True))
 
 
 def _save(bank: Bank, path: Path) -> Path:
@@ -149,10 +159,7 @@ def test_one_export_takes_banks_of_any_k(exported, synthetic_root) -> None:
         paths = _paths(synthetic_root, "waves", "train", k)
         bank = inferencer.compute_bank(paths)
         assert bank.tensors[0].shape[0] == k * (SIZE // 8) ** 2
-        with torch.no_grad():
-            torch_bank = model.model.compute_bank(model.pre_processor.transform(load_images(paths, (96, 96))))
-        for ov_rows, torch_rows in zip(bank.tensors, torch_bank, strict=True):
-            assert np.abs(ov_rows - torch_rows.numpy()).max() <= TOLERANCE
+        assert _bank_difference(bank, _torch_bank(model, paths)) <= TOLERANCE
         load_model_bank(model, _save(bank, folder.parent / f"bank_k{k}.npz"))
         expected = _torch_predict(model, queries).pred_score.numpy()
         assert np.abs(inferencer.predict(queries, bank)["pred_score"] - expected).max() <= TOLERANCE
@@ -169,13 +176,10 @@ def test_openvino_encoder_bank_gets_the_same_coreset_as_torch(exported, syntheti
     model.model.bank.coreset = 0.5
     try:
         bank = inferencer.compute_bank(paths)
-        with torch.no_grad():
-            torch_bank = model.model.compute_bank(model.pre_processor.transform(load_images(paths, (96, 96))))
+        torch_bank = _torch_bank(model, paths)
         levels = len(inferencer.metadata["layers"])
         assert [t.shape[0] for t in bank.tensors[:levels]] == [(t.shape[0] + 1) // 2 for t in full.tensors[:levels]]
-        for ov_rows, torch_rows in zip(bank.tensors, torch_bank, strict=True):
-            assert ov_rows.shape == tuple(torch_rows.shape)
-            assert np.abs(ov_rows - torch_rows.numpy()).max() <= TOLERANCE
+        assert _bank_difference(bank, torch_bank) <= TOLERANCE
         np.testing.assert_array_equal(bank.tensors[levels], full.tensors[levels])  # CGAD's scale uses every patch
         queries = _paths(synthetic_root, "waves", "test")
         load_model_bank(model, _save(bank, folder.parent / "coreset_bank.npz"))

@@ -232,11 +232,11 @@ class ConditionalFlow(nn.Module):
         """
         batch, _, height, width = feature.shape
         rows = flatten_patches(feature)
-        subnets = [block.subnet for block in self.flows[level].module_list]
         grid = self.grid_code(height, width, feature)
         if not self.training:
             logp, zmean = self._folded_rows(level, rows, grid)
             return logp.reshape(batch, height, width), zmean.reshape(batch, height, width)
+        subnets = [block.subnet for block in self.flows[level].module_list]
         for subnet in subnets:
             subnet.grid = grid
         try:

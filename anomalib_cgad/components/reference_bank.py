@@ -29,8 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 from anomalib_cgad.components.tracing import is_tracing
-from anomalib_cgad.deploy.inferencer import coreset_indices
+from anomalib_cgad.deploy.inferencer import check_coreset_fraction, coreset_indices
 from anomalib_cgad.safe_load import load_weights_only
 from anomalib_cgad.validation import check_choice
 
@@ -91,14 +90,17 @@ def best_index(score: torch.Tensor, aligned: bool = False) -> torch.Tensor:
     matrix, 2.1 of 26 ms at 256 px). tests/test_reference_bank.py checks that every form gives ``argmax``'s
     index, ties included.
     """
-    exporting = torch.onnx.is_in_onnx_export()
-    if exporting and not aligned:  # e.g. CGAD's leave-one-out search in the bank encoder (k·h·w candidates)
-        return _first_max(score)
-    if not exporting and (is_tracing() or score.shape[-1] < 8 * BLOCK):  # tracing first: no guard on a dynamic size
+    if torch.onnx.is_in_onnx_export():  # unaligned: e.g. CGAD's leave-one-out search in the bank encoder
+        return _blocked(score, _first_max) if aligned else _first_max(score)
+    if is_tracing() or score.shape[-1] < 8 * BLOCK:  # tracing first: no guard on a dynamic size
         return score.argmax(dim=-1)
-    first_max = _first_max if exporting else partial(torch.argmax, dim=-1)
-    if not exporting and score.shape[-1] % BLOCK:  # -inf candidates complete the last block, never the maximum
+    if score.shape[-1] % BLOCK:  # -inf candidates complete the last block and are never the maximum
         score = F.pad(score, (0, -score.shape[-1] % BLOCK), value=float("-inf"))
+    return _blocked(score, lambda values: values.argmax(dim=-1))
+
+
+def _blocked(score: torch.Tensor, first_max: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """:func:`best_index`'s two stages on a candidate count that is a multiple of ``BLOCK``."""
     blocks = score.unflatten(-1, (-1, BLOCK))
     block = first_max(blocks.amax(dim=-1)).unsqueeze(-1)
     inside = first_max(torch.gather(blocks, -2, block.unsqueeze(-1).expand(*block.shape, BLOCK)).squeeze(-2))
@@ -222,9 +224,7 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         super().__init__()
         check_choice("matching", matching, MATCHING)
         check_choice("residual", residual, RESIDUAL)
-        if not 0.0 < coreset <= 1.0:
-            msg = f"reference_coreset must lie in (0, 1], got {coreset}."
-            raise ValueError(msg)
+        check_coreset_fraction(coreset)
         self.num_levels = num_levels
         self.matching = matching
         self.residual = residual

@@ -51,6 +51,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 COMPATIBILITY_KEYS = ("format", "model", "fingerprint", "backbone", "layers", "channels", "image_size")
 
 
+def check_coreset_fraction(fraction: float) -> None:
+    """Raise ``ValueError`` unless ``fraction`` (the share of reference patches a bank keeps) lies in ``(0, 1]``."""
+    if not 0.0 < fraction <= 1.0:
+        msg = f"reference_coreset must lie in (0, 1], got {fraction}."
+        raise ValueError(msg)
+
+
 def coreset_indices(rows: np.ndarray, fraction: float, cosine: bool = False) -> np.ndarray:
     """Rows to keep of a reference bank level: a greedy k-center coreset of ``ceil(fraction · M)`` rows.
 
@@ -77,9 +84,7 @@ def coreset_indices(rows: np.ndarray, fraction: float, cosine: bool = False) -> 
         >>> coreset_indices(rows, 0.5).tolist()
         [0, 3]
     """
-    if not 0.0 < fraction <= 1.0:
-        msg = f"reference_coreset must lie in (0, 1], got {fraction}."
-        raise ValueError(msg)
+    check_coreset_fraction(fraction)
     rows = np.asarray(rows, dtype=np.float32)
     count = rows.shape[0]
     size = min(count, max(1, int(np.ceil(fraction * count - 1e-9))))
