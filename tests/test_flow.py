@@ -66,9 +66,11 @@ def test_grid_path_equals_plain_rows_and_tracks_weight_changes() -> None:
         mode()
         grid, plain = both()
         assert torch.allclose(grid, plain, atol=1e-10)
+    with torch.no_grad():  # one grid: the position share enters the first product directly
+        single = flow(1, feature[:1])[0].flatten()
+        assert torch.allclose(single, flow.rows(1, rows[:20], condition[:20])[0], atol=1e-10)
     subnet = flow.flows[1].module_list[0].subnet
-    assert subnet._cache is not None  # eval + no_grad: the position share is kept
-    assert 1 in flow._folded  # ... and so are the folded blocks
+    assert 1 in flow._folded  # eval + no_grad: the folded blocks and their position shares are kept
     block = flow.flows[1].module_list[2]
     for change in (subnet[0].weight, block.global_scale, block.global_offset, block.subnet[2].bias):
         with torch.no_grad():

@@ -15,12 +15,12 @@ Steps of :meth:`ConditionalFlow.forward` for one level:
 The coupling subnets are CFlow's ``Linear(d + D, 2(d + D)) → ReLU → Linear`` (same parameters, same
 initialisation, same checkpoint keys), but when the rows form whole ``H × W`` grids, the condition's share of
 the first layer, ``W_c·code + b``, depends only on the position: :class:`PositionalSubnet` computes it once
-per position instead of once per row, and in eval mode keeps it until the weights change. With ``D = 128`` and
+per position instead of once per row (in eval mode kept with the folded blocks until a weight changes). With ``D = 128`` and
 ``d = C/2 = 20`` that share is 86% of the first layer's multiply-adds, which made the flow the largest
 test-time cost after the backbone (``benchmarks/deploy_speed.py``). The values are those of the plain
 subnet (tests/test_flow.py compares them).
 
-In eval mode :meth:`ConditionalFlow.forward` runs each block as a :class:`FoldedBlock` (the same function
+In eval mode :meth:`ConditionalFlow.forward` runs each level as a :class:`FoldedLevel` (the same function
 with its constants folded into fewer, larger operations; tests/test_flow.py compares the values).
 
 It also returns ``mean_c(z)``: with ResAD's abnormal density ``N(𝟙, I)`` the two-class softmax of normal
@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -61,7 +62,8 @@ class PositionalSubnet(nn.Sequential):
     Plain rows (any order, e.g. ResAD's shuffled training chunks) take the ordinary path. While :attr:`grid`
     holds the ``(H·W, D)`` codes of one grid, the input rows are taken to be ``B`` whole grids in (b, h, w)
     order, without code columns (:meth:`ConditionalFlow.forward` passes an empty condition), and
-    ``W_c·code + b`` is computed once per position (cached in eval mode, keyed by the weights' version).
+    ``W_c·code + b`` is computed once per position (in eval mode the flow keeps it with its
+    :class:`FoldedLevel`).
 
     Args:
         dims_in (int): ``d + D``, the block's passive half plus the condition.
@@ -74,18 +76,11 @@ class PositionalSubnet(nn.Sequential):
         self.condition_dim = condition_dim
         self.split = dims_in - condition_dim  # passive channels d; columns from here on are the code
         self.grid: torch.Tensor | None = None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def position_bias(self, grid: torch.Tensor) -> torch.Tensor:
         """``(H·W, 2(d + D))`` share of the first layer that depends only on the position."""
         first = self[0]
-        key = (tuple(grid.shape), grid.device, grid.dtype, first.weight._version, first.bias._version)
-        cacheable = _cacheable(self)
-        if cacheable and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        bias = torch.addmm(first.bias, grid, first.weight[:, self.split :].T)
-        self._cache = (key, bias) if cacheable else None
-        return bias
+        return torch.addmm(first.bias, grid, first.weight[:, self.split :].T)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Affine coefficients ``(N, dims_out)`` of rows ``[x₁, code]`` ``(N, d + D)`` (grid: ``x₁``, ``(N, d)``)."""
@@ -101,49 +96,76 @@ class PositionalSubnet(nn.Sequential):
 
 
 class FoldedBlock(NamedTuple):
-    """One ``AllInOneBlock``'s weights rearranged for inference (:meth:`ConditionalFlow.forward` in eval mode).
+    """One ``AllInOneBlock``'s weights rearranged for inference (part of a :class:`FoldedLevel`).
 
     The block computes ``y = W·(s ⊙ [x₁, x₂'] + o)`` after its coupling ``x₂' = x₂·exp(c·tanh(a_s)) + a_t``
-    with ``a = 0.1·subnet(x₁)``. Folded: the global scale ``s`` and offset ``o`` into the rotation ``W``
-    (``W·diag(s)`` split into its passive and active columns, bias ``W·o``), ``Σ log s`` into one constant,
-    and ``tanh`` written as ``tanh(t) = 2σ(2t) − 1`` (torch's CPU ``tanh`` took 21 µs where ``sigmoid`` took 4
-    on a 400 × 20 block), the 0.1 and the 2 going into the subnet's last layer, split into its ``a_s`` and
-    ``a_t`` rows. A block is then four matrix products and a few element-wise operations instead of about 25
-    operations (the flow was dispatch-bound on small inputs).
+    with ``a = 0.1·subnet(x₁)``. Folded:
+
+    - the global scale ``s`` and offset ``o`` into the rotation ``W`` (``W·diag(s)`` split into its passive and
+      active rows, bias ``W·o``);
+    - ``tanh(t) = 2σ(2t) − 1`` (torch's CPU ``tanh`` took 21 µs where ``sigmoid`` took 4 on a 400 × 20 block), so
+      ``c·tanh(a_s) = 2c·σ(2a_s) − c``: the 0.1 and the 2 go into the subnet's last layer, whose ``a_s`` and
+      ``a_t`` rows stay one matrix product; the ``e^{−c}`` of ``exp(2c·σ − c)`` goes into the *previous* block's
+      rotation (its active output columns), so the coupling is ``x₂' = x₂·exp(2c·σ) + a_t`` on pre-scaled ``x₂``;
+    - ``log|det J|`` to ``2c·Σσ`` plus one constant per level (:class:`FoldedLevel`).
+
+    A block is then four matrix products and six element-wise operations instead of about 25 operations (the
+    flow was dispatch-bound on small inputs). With one grid (batch 1) the position share is the first product's
+    bias.
     """
 
     passive: int  # channels of x₁
-    first: torch.Tensor  # (d, hidden): the subnet's first layer on x₁ (the code's share comes from the subnet)
-    to_scale: torch.Tensor  # (hidden, d₂): 0.2 · the last layer's a_s rows, so that c·tanh(a_s) = c·(2σ(·) − 1)
-    to_scale_bias: torch.Tensor
-    to_shift: torch.Tensor  # (hidden, d₂): 0.1 · the last layer's a_t rows
-    to_shift_bias: torch.Tensor
-    rotate_passive: torch.Tensor  # (d, C): rows of (W·diag(s))ᵀ for x₁
-    rotate_active: torch.Tensor  # (d₂, C): rows for x₂'
-    offset: torch.Tensor  # (C,): W·o
-    log_scale: torch.Tensor  # (): Σ log s
+    first: torch.Tensor  # (d, hidden): the subnet's first layer on x₁
+    position: torch.Tensor  # (H·W, hidden): the first layer's share of the grid's positional codes, plus its bias
+    coefficients: torch.Tensor  # (hidden, 2·d₂): [0.2 · the last layer's a_s rows | 0.1 · its a_t rows]ᵀ
+    coefficients_bias: torch.Tensor  # (2·d₂,)
+    rotate_passive: torch.Tensor  # (d, C): rows of (W·diag(s))ᵀ for x₁, next block's active columns · e^{−c}
+    rotate_active: torch.Tensor  # (d₂, C): the same for x₂'
+    offset: torch.Tensor  # (C,): W·o, scaled like the columns
 
 
-def fold_block(block: AllInOneBlock) -> FoldedBlock:
-    """The :class:`FoldedBlock` of one of :func:`coupling_flow`'s blocks."""
-    passive = block.splits[0]
-    active = block.splits[1]
-    first, _, last = block.subnet
-    scale = block.global_scale_activation(block.global_scale).reshape(-1)
-    rotation = block.w_perm.reshape(block.w_perm.shape[0], -1)
-    scaled = (rotation * scale).T  # (C_in, C_out)
-    return FoldedBlock(
-        passive=passive,
-        first=first.weight[:, :passive].T,
-        to_scale=0.2 * last.weight[:active].T,
-        to_scale_bias=0.2 * last.bias[:active],
-        to_shift=0.1 * last.weight[active:].T,
-        to_shift_bias=0.1 * last.bias[active:],
-        rotate_passive=scaled[:passive],
-        rotate_active=scaled[passive:],
-        offset=rotation @ block.global_offset.reshape(-1),
-        log_scale=torch.log(scale).sum(),
-    )
+class FoldedLevel(NamedTuple):
+    """A level's flow on one grid size as :class:`FoldedBlock` s (:meth:`ConditionalFlow.forward` in eval mode)."""
+
+    blocks: list[FoldedBlock]
+    input_scale: float  # e^{−c} for the first block's active channels (later blocks get it from the rotation)
+    twice_clamp: float  # 2c, the same in every block
+    log_det_offset: torch.Tensor  # (): Σ over blocks of Σ log s − c·d₂
+
+
+def fold_level(blocks: Sequence[AllInOneBlock], grid: torch.Tensor) -> FoldedLevel:
+    """The :class:`FoldedLevel` of one level's blocks (from :func:`coupling_flow`) on a grid with codes ``grid``."""
+    clamps = {float(block.clamp) for block in blocks}
+    if len(clamps) != 1:
+        msg = f"The folded flow needs one affine clamp for all blocks of a level, got {sorted(clamps)}."
+        raise ValueError(msg)
+    clamp = clamps.pop()
+    folded, log_det_offset = [], 0.0
+    for index, block in enumerate(blocks):
+        passive, active = block.splits
+        first, _, last = block.subnet
+        scale = block.global_scale_activation(block.global_scale).reshape(-1)
+        rotation = block.w_perm.reshape(block.w_perm.shape[0], -1)
+        scaled = (rotation * scale).T  # (C_in, C_out)
+        offset = rotation @ block.global_offset.reshape(-1)
+        if index + 1 < len(blocks):  # the next block's x₂ arrives multiplied by e^{−c}
+            column_scale = torch.ones_like(offset)
+            column_scale[blocks[index + 1].splits[0] :] = math.exp(-clamp)
+            scaled, offset = scaled * column_scale, offset * column_scale
+        folded.append(
+            FoldedBlock(
+                passive=passive,
+                first=first.weight[:, :passive].T.contiguous(),
+                position=block.subnet.position_bias(grid),
+                coefficients=torch.cat([0.2 * last.weight[:active], 0.1 * last.weight[active:]]).T.contiguous(),
+                coefficients_bias=torch.cat([0.2 * last.bias[:active], 0.1 * last.bias[active:]]),
+                rotate_passive=scaled[:passive].contiguous(),
+                rotate_active=scaled[passive:].contiguous(),
+                offset=offset,
+            )
+        )
+        log_det_offset = log_det_offset + torch.log(scale).sum() - clamp * active
+    return FoldedLevel(folded, math.exp(-clamp), 2 * clamp, log_det_offset)
 
 
 def coupling_flow(channels: int, coupling_blocks: int, condition_dim: int, clamp_alpha: float, permute_soft: bool):
@@ -188,19 +210,24 @@ class ConditionalFlow(nn.Module):
         self.flows = nn.ModuleList(
             coupling_flow(c, coupling_blocks, condition_dim, clamp_alpha, permute_soft) for c in self.channels
         )
-        self._folded: dict[int, tuple[tuple, list[FoldedBlock]]] = {}
+        # the modules whose weights a FoldedLevel is made of (blocks incl. w_perm, subnet layers), walked per call
+        self._weighted = [
+            [module for block in flow.module_list for module in (block, block.subnet[0], block.subnet[2])]
+            for flow in self.flows
+        ]
+        self._folded: dict[int, tuple[tuple, FoldedLevel]] = {}
         self._grids: dict[tuple, torch.Tensor] = {}
 
-    def folded(self, level: int) -> list[FoldedBlock]:
-        """The level's blocks as :class:`FoldedBlock` (kept in eval mode until a weight changes)."""
-        blocks = self.flows[level].module_list
-        modules = [module for block in blocks for module in (block, block.subnet[0], block.subnet[2])]
-        tensors = [tensor for module in modules for tensor in module._parameters.values()]  # w_perm included
-        key = tuple((id(tensor), tensor.device, tensor.dtype, tensor._version) for tensor in tensors)
+    def folded(self, level: int, grid: torch.Tensor) -> FoldedLevel:
+        """The level's blocks as a :class:`FoldedLevel` on ``grid`` (kept in eval mode until a weight changes)."""
+        tensors = [tensor for module in self._weighted[level] for tensor in module._parameters.values()]
+        # identities and versions of every weight; one tensor's device and dtype stand for the module's (.to())
+        key = (tuple(map(id, tensors)), tuple([tensor._version for tensor in tensors]), tensors[0].device)
+        key = (*key, tensors[0].dtype, tuple(grid.shape), grid.dtype)
         cached = self._folded.get(level)
         if cached is not None and cached[0] == key:
             return cached[1]
-        folded = [fold_block(block) for block in blocks]
+        folded = fold_level(self.flows[level].module_list, grid)
         if _cacheable(self):
             self._folded[level] = (key, folded)  # built without grad: holds no autograd graph
         return folded
@@ -247,19 +274,30 @@ class ConditionalFlow(nn.Module):
         return logp.reshape(batch, height, width), zmean.reshape(batch, height, width)
 
     def _folded_rows(self, level: int, rows: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode pass of ``B`` whole grids through the level's :class:`FoldedBlock`s (values of the blocks)."""
-        log_jac_det = rows.new_zeros(())
-        for block, folded in zip(self.flows[level].module_list, self.folded(level), strict=True):
-            passive, active = rows[:, : folded.passive], rows[:, folded.passive :]
-            position = block.subnet.position_bias(grid)
-            hidden = (passive @ folded.first).unflatten(0, (-1, position.shape[0])) + position
-            hidden = block.subnet[1](hidden.flatten(0, 1))
-            log_scale = torch.sigmoid(torch.addmm(folded.to_scale_bias, hidden, folded.to_scale))
-            log_scale = (2 * block.clamp) * log_scale - block.clamp  # = c·tanh(a_s)
-            active = torch.addcmul(torch.addmm(folded.to_shift_bias, hidden, folded.to_shift), active, log_scale.exp())
-            log_jac_det = log_jac_det + log_scale.sum(dim=1) + folded.log_scale
-            rows = torch.addmm(torch.addmm(folded.offset, passive, folded.rotate_passive), active, folded.rotate_active)
-        return _per_row(rows, log_jac_det)
+        """Eval-mode pass of ``B`` whole grids through the level's :class:`FoldedLevel` (values of the blocks)."""
+        folded = self.folded(level, grid)
+        scale_sum = rows.new_zeros(())
+        for index, weights in enumerate(folded.blocks):
+            passive, active = rows[:, : weights.passive], rows[:, weights.passive :]
+            if index == 0:
+                active = active * folded.input_scale
+            hidden = torch.relu(_add_position(passive, weights.first, weights.position))
+            coefficients = torch.addmm(weights.coefficients_bias, hidden, weights.coefficients)
+            split = active.shape[1]
+            gate = torch.sigmoid(coefficients[:, :split])  # c·tanh(a_s) = 2c·gate − c
+            scale_sum = scale_sum + gate
+            active = torch.addcmul(coefficients[:, split:], active, torch.exp(gate * folded.twice_clamp))
+            rows = torch.addmm(
+                torch.addmm(weights.offset, passive, weights.rotate_passive), active, weights.rotate_active
+            )
+        return _per_row(rows, scale_sum.sum(dim=1) * folded.twice_clamp + folded.log_det_offset)
+
+
+def _add_position(passive: torch.Tensor, first: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """``x₁·W₁ + position share`` for rows that are whole grids (one fused product for a single grid)."""
+    if not is_tracing() and passive.shape[0] == position.shape[0]:
+        return torch.addmm(position, passive, first)
+    return ((passive @ first).unflatten(0, (-1, position.shape[0])) + position).flatten(0, 1)
 
 
 def _per_row(z: torch.Tensor, log_jac_det: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
