@@ -15,9 +15,9 @@ Steps of :meth:`ConditionalFlow.forward` for one level:
 The coupling subnets are CFlow's ``Linear(d + D, 2(d + D)) → ReLU → Linear`` (same parameters, same
 initialisation, same checkpoint keys), but when the rows form whole ``H × W`` grids, the condition's share of
 the first layer, ``W_c·code + b``, depends only on the position: :class:`PositionalSubnet` computes it once
-per position instead of once per row (in eval mode kept with the folded blocks until a weight changes). With ``D = 128`` and
-``d = C/2 = 20`` that share is 86% of the first layer's multiply-adds, which made the flow the largest
-test-time cost after the backbone (``benchmarks/deploy_speed.py``). The values are those of the plain
+per position instead of once per row (in eval mode kept with the folded blocks until a weight changes). With
+``D = 128`` and ``d = C/2 = 20`` that share is 86% of the first layer's multiply-adds, which made the flow the
+largest test-time cost after the backbone (``benchmarks/deploy_speed.py``). The values are those of the plain
 subnet (tests/test_flow.py compares them).
 
 In eval mode :meth:`ConditionalFlow.forward` runs each level as a :class:`FoldedLevel` (the same function
