@@ -13,6 +13,12 @@ batch 1 and batch 8 of:
 4. ``<model> (OpenVINO bf16)``: the CPU plugin's bf16 mode, only when the CPU reports BF16 (labelled; its
    scores move by ~1e-2, see the README).
 
+Each torch row also gets its arithmetic, counted by ``torch.utils.flop_counter`` on one batch-1 forward
+(FLOPs per image do not depend on the batch), and ``results.md`` splits the model's count into the torch
+model's parts (backbone, constraintor, flow, map; what no sub-module runs, e.g. the nearest-reference search,
+is ``other``): the latency ratio cannot drop much below the arithmetic ratio when both run at the same
+FLOP rate.
+
 With ``--compare KEY=VALUE ...`` a second variant of the model (the same weights, those constructor arguments
 changed, e.g. ``reference_coreset=0.5``) is exported and timed in the same rounds, as rows named
 ``<model> (KEY=VALUE)``.
@@ -66,6 +72,25 @@ def timed_rounds(functions: Sequence[Callable[[], object]], warmup: int, iterati
             if round_index >= warmup:
                 record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
+
+
+def flops_per_image(function: Callable[[torch.Tensor], object], image: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """FLOPs of ``function(image)`` for one image ``(1, 3, H, W)``, and per module path (``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        function(image)
+    per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    return counter.get_total_flops(), per_module
+
+
+def model_parts(per_module: dict[str, int], root: str) -> dict[str, int]:
+    """FLOPs of each direct child of the torch model ``root`` (e.g. ``CGAD.model``), plus ``other`` for the rest."""
+    depth = root.count(".") + 1
+    parts = {name.rsplit(".", 1)[1]: flops for name, flops in per_module.items()
+             if name.startswith(root + ".") and name.count(".") == depth}  # fmt: skip
+    parts["other"] = per_module.get(root, 0) - sum(parts.values())
+    return parts
 
 
 def _next_folder(root: Path, name: str) -> Path:
@@ -155,6 +180,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Path]:
         _export_backbone(first.model.backbone, size, backbone_xml)
         export_seconds = time.perf_counter() - start
         ov_backbone = core.compile_model(backbone_xml, "CPU", config)
+        probe = first.pre_processor.transform(torch.rand(1, 3, size, size))
+        flops = {"backbone": flops_per_image(first.model.backbone, probe)[0]}
+        parts = {}
+        for name, model in models.items():
+            flops[name], per_module = flops_per_image(model, torch.rand(1, 3, size, size))
+            parts[name] = model_parts(per_module, f"{model.__class__.__name__}.model")
         rows = []
         for batch_size in args.batch_sizes:
             images = torch.rand(batch_size, 3, size, size)
@@ -183,11 +214,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Path]:
                     "ms_per_image": 1000 * seconds / batch_size,
                     "images_per_s": batch_size / seconds,
                     "ms_per_batch": 1000 * seconds,
+                    "mflop_per_image": flops[component] / 1e6 if runtime == "torch" else float("nan"),
                 })  # fmt: skip
                 print(f"  batch {batch_size:>2} {component:>8} {runtime:>8} {precision}: "
                       f"{1000 * seconds / batch_size:8.2f} ms/image", flush=True)  # fmt: skip
     _add_ratios(rows)
-    _write(folder, rows, args, export_seconds)
+    _write(folder, rows, args, export_seconds, parts, flops["backbone"])
     return rows, folder
 
 
@@ -197,6 +229,7 @@ def _add_ratios(rows: list[dict]) -> None:
     for row in rows:
         backbone = lookup.get(("backbone", row["runtime"], "f32", row["batch_size"]))
         row["vs_backbone"] = row["ms_per_image"] / backbone["ms_per_image"] if backbone else float("nan")
+        row["flops_vs_backbone"] = row["mflop_per_image"] / backbone["mflop_per_image"] if backbone else float("nan")
         torch_row = lookup.get((row["component"], "torch", "f32", row["batch_size"]))
         row["speedup_vs_torch"] = torch_row["ms_per_image"] / row["ms_per_image"] if torch_row else float("nan")
 
@@ -205,14 +238,28 @@ def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     lines = [
         "| component | runtime | precision | batch | ms / image (median) | images / s | × backbone "
-        "| × faster than torch |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| × faster than torch | MFLOP / image | FLOPs × backbone |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['component']} | {r['runtime']} | {r['precision']} | {r['batch_size']} | {r['ms_per_image']:.2f} "
-            f"| {r['images_per_s']:.2f} | {r['vs_backbone']:.2f} | {r['speedup_vs_torch']:.2f} |"
+            f"| {r['images_per_s']:.2f} | {r['vs_backbone']:.2f} | {r['speedup_vs_torch']:.2f} "
+            f"| {_number(r['mflop_per_image'], '.1f')} | {_number(r['flops_vs_backbone'], '.2f')} |"
         )
+    return "\n".join(lines)
+
+
+def _number(value: float, spec: str) -> str:
+    return "–" if value != value else format(value, spec)  # NaN (an OpenVINO row) → dash
+
+
+def parts_table(parts: dict[str, dict[str, int]], backbone_flops: int) -> str:
+    """Each variant's FLOPs per image by part of the torch model, in MFLOP and as a share of the backbone's."""
+    lines = ["| variant | part | MFLOP / image | × backbone |", "|---|---|---:|---:|"]
+    for name, counts in parts.items():
+        for part, value in counts.items():
+            lines.append(f"| {name} | {part} | {value / 1e6:.1f} | {value / backbone_flops:.2f} |")
     return "\n".join(lines)
 
 
@@ -240,7 +287,14 @@ def _environment(args: argparse.Namespace, export_seconds: float) -> dict:
     }
 
 
-def _write(folder: Path, rows: list[dict], args: argparse.Namespace, export_seconds: float) -> None:
+def _write(
+    folder: Path,
+    rows: list[dict],
+    args: argparse.Namespace,
+    export_seconds: float,
+    parts: dict[str, dict[str, int]],
+    backbone_flops: int,
+) -> None:
     with (folder / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -255,7 +309,13 @@ def _write(folder: Path, rows: list[dict], args: argparse.Namespace, export_seco
         f"{environment['cpu_count']} CPU(s), torch {environment['torch']} ({environment['torch_threads']} threads), "
         f"OpenVINO {environment['openvino']}, 1-min load average at the end {environment['loadavg_1min']}.\n\n"
     )
-    (folder / "results.md").write_text(header + markdown_table(rows) + "\n")
+    arithmetic = (
+        "\n\n## Arithmetic per image by part\n\nCounted by `torch.utils.flop_counter` on one batch-1 torch forward; "
+        "`other` is what no sub-module of the torch model runs (the nearest-reference search of ResAD and CGAD).\n\n"
+    )
+    (folder / "results.md").write_text(
+        header + markdown_table(rows) + arithmetic + parts_table(parts, backbone_flops) + "\n"
+    )
 
 
 def _options_text(options: dict) -> str:
@@ -313,9 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the table."""
     args = parse_args(argv)
-    rows, folder = run(args)
+    _, folder = run(args)
     print()
-    print(markdown_table(rows))
+    print((folder / "results.md").read_text())
     print(f"\nWrote {folder / 'results.csv'} and {folder / 'results.md'}")
 
 

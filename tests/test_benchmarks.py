@@ -163,3 +163,48 @@ def test_deploy_speed_times_every_component_in_each_round_and_parses_a_compariso
         ("CGAD (reference_coreset=0.5)", {"coupling_blocks": 2, "reference_coreset": 0.5}),
     ]
     assert _variants(parse_args([])) == [("CGAD", {})]
+
+
+def test_deploy_speed_counts_the_arithmetic_of_each_part() -> None:
+    """The model's FLOPs split into its parts; ``other`` is exactly the nearest-reference search's products."""
+    from benchmarks.deploy_speed import build_model, flops_per_image, model_parts
+
+    model = build_model("CGAD", 64, 2, 0)
+    image = torch.rand(1, 3, 64, 64)
+    total, per_module = flops_per_image(model, image)
+    parts = model_parts(per_module, "CGAD.model")
+    assert set(parts) == {"backbone", "constraintor", "flow", "anomaly_map_generator", "other"}
+    assert sum(parts.values()) == total
+    assert parts["backbone"] == flops_per_image(model.model.backbone, model.pre_processor.transform(image))[0]
+    # cosine search: one (H·W × C) @ (C × k·H·W) product per level, 2 FLOPs per multiply-add
+    search = sum(
+        2 * (64 // s) ** 2 * 2 * (64 // s) ** 2 * c for s, c in zip((8, 16), model.model.backbone.channels, strict=True)
+    )
+    assert parts["other"] == search
+    coreset = model_parts(
+        flops_per_image(build_model("CGAD", 64, 2, 0, {"reference_coreset": 0.5}), image)[1], "CGAD.model"
+    )
+    assert coreset["other"] == pytest.approx(search / 2, rel=0.05)
+    assert coreset["flow"] == parts["flow"]
+
+
+@pytest.mark.slow
+def test_deploy_speed_writes_latency_and_arithmetic_tables(tmp_path) -> None:
+    """One tiny end-to-end run: torch and OpenVINO rows, FLOP columns on the torch rows, the parts table."""
+    import csv
+
+    from benchmarks.deploy_speed import main
+
+    out = tmp_path / "speed"
+    main(["--image-size", "64", "--batch-sizes", "1", "--iterations", "1", "--warmup", "0", "--threads", "1",
+          "--no-bf16", "--out", str(out)])  # fmt: skip
+    folder = out / "CGAD_64px" / "v1"
+    with (folder / "results.csv").open() as handle:
+        rows = {(r["component"], r["runtime"]): r for r in csv.DictReader(handle)}
+    assert set(rows) == {(c, r) for c in ("backbone", "CGAD") for r in ("torch", "OpenVINO")}
+    assert float(rows["CGAD", "torch"]["flops_vs_backbone"]) > 1.0
+    assert float(rows["backbone", "torch"]["mflop_per_image"]) > 0
+    assert rows["CGAD", "OpenVINO"]["mflop_per_image"] == "nan"
+    assert all(float(r["ms_per_image"]) > 0 for r in rows.values())
+    markdown = (folder / "results.md").read_text()
+    assert "| CGAD | flow |" in markdown and "| CGAD | other |" in markdown
