@@ -149,13 +149,25 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], Path]:
-    """Time every variant at every batch size; write the results; return the rows and the folder."""
+    """Time every variant at every batch size; write the results; return the rows and the folder.
+
+    ``--threads`` applies to this run only: torch's thread count is restored afterwards (a caller in the same
+    process, e.g. a test session, keeps its own).
+    """
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _timed_run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed_run(args: argparse.Namespace) -> tuple[list[dict], Path]:
     import openvino as ov
 
     from anomalib_cgad.deploy import BankInferencer, export_swappable_bank
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     suffix = "".join(f"_{key}{value}" for key, value in args.set.items())
     folder = _next_folder(Path(args.out), f"{args.model}{suffix}_{args.image_size}px")
     size = args.image_size

@@ -196,8 +196,10 @@ def test_deploy_speed_writes_latency_and_arithmetic_tables(tmp_path) -> None:
     from benchmarks.deploy_speed import main
 
     out = tmp_path / "speed"
+    threads = torch.get_num_threads()
     main(["--image-size", "64", "--batch-sizes", "1", "--iterations", "1", "--warmup", "0", "--threads", "1",
           "--no-bf16", "--out", str(out)])  # fmt: skip
+    assert torch.get_num_threads() == threads  # --threads applied to the run only (later tests compare processes)
     folder = out / "CGAD_64px" / "v1"
     with (folder / "results.csv").open() as handle:
         rows = {(r["component"], r["runtime"]): r for r in csv.DictReader(handle)}
