@@ -192,12 +192,11 @@ def _timed_run(args: argparse.Namespace) -> tuple[list[dict], Path]:
         _export_backbone(first.model.backbone, size, backbone_xml)
         export_seconds = time.perf_counter() - start
         ov_backbone = core.compile_model(backbone_xml, "CPU", config)
-        probe = first.pre_processor.transform(torch.rand(1, 3, size, size))
-        flops = {"backbone": flops_per_image(first.model.backbone, probe)[0]}
-        parts = {}
+        flops, parts = {}, {}
         for name, model in models.items():
             flops[name], per_module = flops_per_image(model, torch.rand(1, 3, size, size))
             parts[name] = model_parts(per_module, f"{model.__class__.__name__}.model")
+        flops["backbone"] = parts[next(iter(models))]["backbone"]  # the bare backbone row runs the same module
         rows = []
         for batch_size in args.batch_sizes:
             images = torch.rand(batch_size, 3, size, size)

@@ -56,6 +56,13 @@ def _cacheable(module: nn.Module) -> bool:
     return not module.training and not torch.is_grad_enabled() and not is_tracing()
 
 
+def _add_position(passive: torch.Tensor, first: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """``x₁·W₁ + position share`` for rows that are whole grids (one fused product for a single grid)."""
+    if not is_tracing() and passive.shape[0] == position.shape[0]:
+        return torch.addmm(position, passive, first)
+    return ((passive @ first).unflatten(0, (-1, position.shape[0])) + position).flatten(0, 1)
+
+
 class PositionalSubnet(nn.Sequential):
     """CFlow's coupling subnet ``Linear(d + D, 2(d + D)) → ReLU → Linear(2(d + D), out)`` on ``[x₁, code]`` rows.
 
@@ -90,9 +97,8 @@ class PositionalSubnet(nn.Sequential):
         if rows.shape[1] != self.split:
             msg = f"On a grid the subnet takes the {self.split} passive channels only, got {rows.shape[1]} columns."
             raise ValueError(msg)
-        bias = self.position_bias(self.grid)
-        hidden = (rows @ first.weight[:, : self.split].T).unflatten(0, (-1, bias.shape[0])) + bias
-        return last(activation(hidden.flatten(0, 1)))
+        hidden = _add_position(rows, first.weight[:, : self.split].T, self.position_bias(self.grid))
+        return last(activation(hidden))
 
 
 class FoldedBlock(NamedTuple):
@@ -291,13 +297,6 @@ class ConditionalFlow(nn.Module):
                 torch.addmm(weights.offset, passive, weights.rotate_passive), active, weights.rotate_active
             )
         return _per_row(rows, scale_sum.sum(dim=1) * folded.twice_clamp + folded.log_det_offset)
-
-
-def _add_position(passive: torch.Tensor, first: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """``x₁·W₁ + position share`` for rows that are whole grids (one fused product for a single grid)."""
-    if not is_tracing() and passive.shape[0] == position.shape[0]:
-        return torch.addmm(position, passive, first)
-    return ((passive @ first).unflatten(0, (-1, position.shape[0])) + position).flatten(0, 1)
 
 
 def _per_row(z: torch.Tensor, log_jac_det: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
