@@ -11,6 +11,8 @@ Cases (issue 9) and the chosen behaviour:
 - a bank of another backbone or image size: ``BankMismatchError`` naming the mismatch;
 - a checkpoint of another model or another checkpoint format: ``CheckpointMismatchError``;
 - NaN/inf in reference images, query images, features or weights: ``NonFiniteError`` / ``BankMismatchError``.
+- impossible episode options of MetaAD and CGAD (k_shot < 1, unknown direction or margin): ``ValueError``
+  when the model is built.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from anomalib.data import ImageBatch
 from anomalib.engine import Engine
 from PIL import Image
 
-from anomalib_cgad import CGAD, ResAD
+from anomalib_cgad import CGAD, MetaAD, ResAD
 from anomalib_cgad.components.reference_bank import BankMismatchError
 from anomalib_cgad.data import CrossClass
 from anomalib_cgad.models.base import CheckpointMismatchError, NonFiniteError, ReferenceError, load_images
@@ -341,3 +343,19 @@ def test_nan_in_the_model_gives_an_error_not_a_nan_score(synthetic_root) -> None
         NonFiniteError, match=r"2 image\(s\) got NaN or inf scores .*\['query_0\.png', 'query_1\.png'\]"
     ):
         _scores(model, load_images(_good(synthetic_root, split="test")[:2], SIZE))
+
+
+@pytest.mark.parametrize("model_cls", [CGAD, MetaAD])
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"k_shot": 0}, r"k_shot and k_choices must be >= 1 \(got 0, \[1, 2, 4, 8\]\)"),
+        ({"k_choices": (0, 4)}, r"k_shot and k_choices must be >= 1 \(got 4, \[0, 4\]\)"),
+        ({"direction": "sideways"}, r"direction must be one of \('multi', 'single'\), got 'sideways'"),
+        ({"margin": "wide"}, r"margin must be one of \('mean_gap', 'pairwise', 'energy'\), got 'wide'"),
+    ],
+)
+def test_bad_episode_options_are_refused_when_the_model_is_built(model_cls, option, message) -> None:
+    """The episodic models (shared ``EpisodicMixin``) check their options up front, not an epoch into training."""
+    with pytest.raises(ValueError, match=message):
+        model_cls(**option)

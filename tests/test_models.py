@@ -89,6 +89,19 @@ def test_outer_level_off_really_skips_it(cross_class, tmp_path) -> None:
     assert on.outer_steps > 0
 
 
+def test_outer_level_without_any_anomaly_is_skipped_with_one_warning(cross_class, tmp_path, caplog) -> None:
+    """No labelled (``few_anomalies=0``) nor synthetic anomalies: CGAD trains its inner level only, and says so."""
+    model = _small(CGAD, synthetic_per_class=0)
+    with caplog.at_level("WARNING", logger="anomalib_cgad.models.episodic"):
+        _engine(tmp_path, 1).fit(model=model, datamodule=cross_class())
+    skipped = [r for r in caplog.records if r.getMessage().startswith("Outer level skipped: no anomalous patches")]
+    assert len(skipped) == 1, [r.getMessage() for r in caplog.records]
+    assert model.outer_steps == 0
+    assert model.hardness == {}
+    assert torch.equal(model.model.boundary, torch.zeros(2))  # the calibration optimiser never stepped
+    assert model.trainer.global_step > 0
+
+
 def _anomaly_margin(model, datamodule) -> float:
     """Standardised margin of the anomaly map: (mean inside defects − mean outside) / std outside.
 

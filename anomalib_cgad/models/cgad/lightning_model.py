@@ -24,31 +24,27 @@ Example:
 See Also:
     :class:`anomalib_cgad.models.cgad.torch_model.CGADModel`: the PyTorch model.
     :class:`anomalib_cgad.components.episodes.EpisodeSampler`: the episodes.
+    :class:`anomalib_cgad.models.episodic.EpisodicMixin`: the episode loop shared with MetaAD.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_cgad.components.confidence_margin import confidence_margin_loss, outer_backward
-from anomalib_cgad.components.episodes import EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.cgad.torch_model import CGADModel
+from anomalib_cgad.models.episodic import EpisodicMixin
 from anomalib_cgad.models.resad.loss import occ_paper
 
-logger = logging.getLogger(__name__)
 
-
-class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
+class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
     """CGAD lightning module (the default model of anomalib-cgad).
 
     Args:
@@ -80,10 +76,14 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         outer_lr (float): outer learning rate of the flow. Defaults to ``1e-4``.
         calibration_lr (float): learning rate of ``b`` and ``T``. Defaults to ``1e-2``.
         synthetic_per_class (int): Perlin anomalies made per training class. Defaults to ``16``.
-        seed (int): seed of episodes, references and synthetic anomalies. Defaults to ``0``.
+        seed (int): seed of episodes, references and synthetic anomalies. Defaults to ``0``. Weight
+            initialisation follows the global generators: the flow's fixed random rotations (SciPy's
+            ``special_ortho_group`` in anomalib's ``AllInOneBlock``) come from NumPy's, so ``torch.manual_seed``
+            alone does not repeat a run; use ``lightning.seed_everything`` (``anomalib train --seed_everything N``).
     """
 
     demo_epochs = 4
+    inner_log_name = "inner_nll"
 
     def __init__(
         self,
@@ -116,29 +116,29 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         evaluator: nn.Module | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if k_shot < 1 or min(k_choices) < 1:
-            msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
-            raise ValueError(msg)
+        self._check_episode_options(k_shot, k_choices, direction, margin)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=default_evaluator() if evaluator is True else evaluator,
             visualizer=visualizer,
         )
+        self._init_episodes(
+            k_choices=k_choices,
+            direction=direction,
+            margin=margin,
+            pcgrad=pcgrad,
+            outer=outer,
+            inner_queries=inner_queries,
+            anomalies_per_class=anomalies_per_class,
+            seed=seed,
+        )
         self.k_shot = k_shot
-        self.k_choices = list(k_choices)
         self.few_shot_source = few_shot_source
-        self.inner_queries = inner_queries
-        self.anomalies_per_class = anomalies_per_class
-        self.outer = outer
-        self.direction = direction
-        self.pcgrad = pcgrad
-        self.margin = margin
         self.lr = lr
         self.outer_lr = outer_lr
         self.calibration_lr = calibration_lr
         self.synthetic_per_class = synthetic_per_class
-        self.seed = seed
         self.model = CGADModel(
             backbone=backbone,
             layers=layers,
@@ -151,10 +151,6 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             normalise_by_references=normalise_by_references,
             reference_coreset=reference_coreset,
         )
-        self.automatic_optimization = False
-        self.sampler: EpisodeSampler | None = None
-        self.hardness: dict[str, float] = {}
-        self.outer_steps = 0
         self._init_references()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -170,10 +166,7 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         """Encode the training classes once and set up the episode sampler."""
         if self.training_pool is None:
             self.build_training_pool(self.synthetic_per_class, self.seed)
-        if self.sampler is None:
-            self.sampler = EpisodeSampler(
-                list(self.training_pool.classes), direction=self.direction, k_choices=self.k_choices, seed=self.seed
-            )
+        self._init_sampler()
 
     # ----------------------------------------------------------------- episode pieces
     def _class_rows(self, category: str, k: int, n_normal: int, n_anomalous: int):
@@ -217,44 +210,18 @@ class CGAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             z_id, z_ood = z[cov == 0], z[cov >= 0.5]
             if len(z_ood) == 0 or len(z_id) == 0:
                 continue
-            limit = min(len(z_id), len(z_ood), 4096)
-            z_id = z_id[torch.randperm(len(z_id), generator=self.training_pool.generator)[:limit].to(z.device)]
-            z_ood = z_ood[torch.randperm(len(z_ood), generator=self.training_pool.generator)[:limit].to(z.device)]
-            losses.append(confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin))
+            loss, gap = self._margin_term(category, z_id, z_ood, temperature)
+            losses.append(loss)
+            gaps.append(gap)
             clean.append(
                 -torch.cat([logp[cov_l.reshape(-1) == 0] for logp, cov_l in zip(logps, coverage, strict=True)]).mean()
             )
-            gap = (torch.sigmoid(z_id / temperature).mean() - torch.sigmoid(z_ood / temperature).mean()).detach()
-            gaps.append(gap)
-            self.hardness[category] = float(torch.sigmoid(z_ood / temperature).mean().detach())
-        if not losses:
-            return {}
-        outer_opt, calibration_opt = optimizers
-        outer_opt.zero_grad(set_to_none=True)
-        calibration_opt.zero_grad(set_to_none=True)
-        outer_backward(
-            torch.stack(clean).mean(),
+        return self._outer_update(
+            outer_classes,
             losses,
+            clean,
+            gaps,
+            optimizers,
             shared=list(self.model.flow.parameters()),
             calibration=[self.model.boundary, self.model.temperature.rho],
-            pcgrad=self.pcgrad,
-            backward=self.manual_backward,
-            seed=self.outer_steps,
         )
-        outer_opt.step()
-        calibration_opt.step()
-        self.outer_steps += 1
-        return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
-
-    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One episode: inner maximum-likelihood step, then (unless ``outer=False``) the outer calibration."""
-        del batch, args, kwargs
-        inner_opt, outer_opt, calibration_opt = self.optimizers()
-        episode = self.sampler.sample(self.hardness)
-        nll = torch.stack([self._inner_step(c, episode.k, inner_opt) for c in episode.inner]).mean()
-        self.log("inner_nll", nll, prog_bar=True)
-        logs = self._outer_step(episode.outer, episode.k, [outer_opt, calibration_opt]) if self.outer else {}
-        for key, value in logs.items():
-            self.log(key, value, prog_bar=True)
-        self.log("temperature", self.model.temperature().detach())
-        return {"loss": nll + logs.get("outer_loss", 0.0)}

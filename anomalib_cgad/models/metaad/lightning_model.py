@@ -14,34 +14,30 @@ Paper: https://arxiv.org/abs/2601.19833 (tabular data; the image adaptation foll
 
 See Also:
     :class:`anomalib_cgad.models.metaad.torch_model.MetaADModel`: the PyTorch model.
+    :class:`anomalib_cgad.models.episodic.EpisodicMixin`: the episode loop shared with CGAD.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, outer_backward
-from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
+from anomalib_cgad.models.episodic import EpisodicMixin
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
 from anomalib_cgad.validation import check_choice
-
-logger = logging.getLogger(__name__)
 
 INNER_MODES = ("one_class", "supervised")
 
 
-class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
+class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
     """MetaAD lightning module.
 
     Args:
@@ -115,11 +111,7 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_choice("inner_mode", inner_mode, INNER_MODES)
-        if k_shot < 1 or min(k_choices) < 1:
-            msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
-            raise ValueError(msg)
-        check_choice("direction", direction, DIRECTIONS)
-        check_choice("margin", margin, MARGINS)
+        self._check_episode_options(k_shot, k_choices, direction, margin)
         if anomalies_per_class < 0:
             msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
             raise ValueError(msg)
@@ -132,20 +124,22 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             evaluator=default_evaluator() if evaluator is True else evaluator,
             visualizer=visualizer,
         )
+        self._init_episodes(
+            k_choices=k_choices,
+            direction=direction,
+            margin=margin,
+            pcgrad=pcgrad,
+            outer=outer,
+            inner_queries=inner_queries,
+            anomalies_per_class=anomalies_per_class,
+            seed=seed,
+        )
         self.k_shot = k_shot
-        self.k_choices = list(k_choices)
         self.few_shot_source = few_shot_source
         self.inner_mode = inner_mode
-        self.outer = outer
-        self.direction = direction
-        self.pcgrad = pcgrad
-        self.margin = margin
-        self.inner_queries = inner_queries
-        self.anomalies_per_class = anomalies_per_class
         self.reconstruction_weight = reconstruction_weight
         self.lr, self.head_lr, self.encoder_lr, self.temperature_lr = lr, head_lr, encoder_lr, temperature_lr
         self.synthetic_per_class = synthetic_per_class
-        self.seed = seed
         self.model = MetaADModel(
             backbone=backbone,
             layers=layers,
@@ -157,10 +151,6 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             head=head,
             score=score,
         )
-        self.automatic_optimization = False
-        self.sampler: EpisodeSampler | None = None
-        self.hardness: dict[str, float] = {}
-        self.outer_steps = 0
         self._init_references()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -215,10 +205,7 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             self.build_training_pool(self.synthetic_per_class, self.seed)
             self._fit_standardisation()
             self._fit_latent_scale()
-        if self.sampler is None:
-            self.sampler = EpisodeSampler(
-                list(self.training_pool.classes), direction=self.direction, k_choices=self.k_choices, seed=self.seed
-            )
+        self._init_sampler()
 
     # ----------------------------------------------------------------- episode pieces
     def _class_inputs(self, category: str, k: int, n_normal: int, n_anomalous: int, prefer_real: bool = True):
@@ -264,46 +251,17 @@ class MetaAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             z_id, z_ood = z[coverage == 0], z[coverage >= 0.5]
             if len(z_ood) == 0 or len(z_id) == 0:
                 continue
-            limit = min(len(z_id), len(z_ood), 4096)
-            generator = self.training_pool.generator
-            z_id = z_id[torch.randperm(len(z_id), generator=generator)[:limit].to(z.device)]
-            z_ood = z_ood[torch.randperm(len(z_ood), generator=generator)[:limit].to(z.device)]
-            losses.append(confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin))
+            loss, gap = self._margin_term(category, z_id, z_ood, temperature)
+            losses.append(loss)
+            gaps.append(gap)
             normal_clean = z_clean[coverage == 0]
             clean.append(F.binary_cross_entropy_with_logits(normal_clean, torch.ones_like(normal_clean)))
-            p_ood = torch.sigmoid(z_ood / temperature).mean().detach()
-            gaps.append(torch.sigmoid(z_id / temperature).mean().detach() - p_ood)
-            self.hardness[category] = float(p_ood)
-        if not losses:
-            if not getattr(self, "_warned_no_outer", False):
-                logger.warning("Outer level skipped: no anomalous patches for classes %s.", list(outer_classes))
-                self._warned_no_outer = True
-            return {}
-        outer_opt, temperature_opt = optimizers
-        outer_opt.zero_grad(set_to_none=True)
-        temperature_opt.zero_grad(set_to_none=True)
-        outer_backward(
-            torch.stack(clean).mean(),
+        return self._outer_update(
+            outer_classes,
             losses,
+            clean,
+            gaps,
+            optimizers,
             shared=[self.model.head, *self.model.encoder.last.parameters()],
             calibration=[self.model.temperature.rho],
-            pcgrad=self.pcgrad,
-            backward=self.manual_backward,
-            seed=self.outer_steps,
         )
-        outer_opt.step()
-        temperature_opt.step()
-        self.outer_steps += 1
-        return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
-
-    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One episode: inner step(s), then the outer calibration unless ``outer=False``."""
-        del batch, args, kwargs
-        inner_opt, outer_opt, temperature_opt = self.optimizers()
-        episode = self.sampler.sample(self.hardness)
-        inner = torch.stack([self._inner_step(c, episode.k, inner_opt) for c in episode.inner]).mean()
-        self.log("inner_loss", inner, prog_bar=True)
-        logs = self._outer_step(episode.outer, episode.k, [outer_opt, temperature_opt]) if self.outer else {}
-        for key, value in logs.items():
-            self.log(key, value, prog_bar=True)
-        return {"loss": inner + logs.get("outer_loss", 0.0)}

@@ -94,7 +94,9 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             Defaults to ``4``.
         synthetic_per_class (int): synthetic (Perlin) anomalies made per training class. Defaults to ``16``.
         fiber_batch (int): flow rows per optimiser step (the remainder chunk is kept). Defaults to ``8192``.
-        seed (int): seed of reference draws, synthetic anomalies and the codebook initialisation. Defaults to ``0``.
+        seed (int): seed of reference draws, synthetic anomalies and the codebook initialisation. Defaults to
+            ``0``. The flow's initialisation follows the global generators (its fixed random rotations NumPy's):
+            use ``lightning.seed_everything`` to repeat a run.
         matching, residual, occ, flow_loss, score (str | None): override single preset entries.
         fdm (bool | None): ResAD++'s feature distribution matching: a codebook of normal training residuals per
             level, and EFDM of the test residuals towards it before the constraintor (resad.md §5). ``None``

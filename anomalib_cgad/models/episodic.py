@@ -1,0 +1,162 @@
+"""The episode loop shared by the meta-learning models (MetaAD, CGAD).
+
+:class:`EpisodicMixin` holds what the two models do the same way around their own inner and outer levels:
+
+1. one training step is one episode drawn by :class:`~anomalib_cgad.components.episodes.EpisodeSampler`
+   (classes the outer level separates worst are drawn more often, through ``hardness``);
+2. the inner level runs once per inner class of the episode with the first optimiser;
+3. the outer level (unless ``outer=False``) scores each OOD class's normals (ID) and anomalies (OOD) as
+   normality logits ``z``; :meth:`~EpisodicMixin._margin_term` turns them into the softmax confidence margin
+   loss, and :meth:`~EpisodicMixin._outer_update` reconciles the per-class losses with the clean term by
+   PCGrad and steps the remaining optimisers.
+
+What differs between the models stays in them: ``_inner_step(category, k, optimizer)`` (maximum likelihood
+of residuals for CGAD, one-class BCE for MetaAD) and ``_outer_step(classes, k, optimizers)`` (how ``z`` is
+computed and which parameters the outer level tunes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, outer_backward
+from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
+from anomalib_cgad.validation import check_choice
+
+logger = logging.getLogger(__name__)
+
+
+class EpisodicMixin:
+    """Episode sampling, the outer update and ``training_step`` of a meta-learning model.
+
+    The model calls :meth:`_check_episode_options` before ``AnomalibModule.__init__``, :meth:`_init_episodes`
+    after it, :meth:`_init_sampler` in ``on_train_start`` (once its training pool is built), and returns
+    ``[inner, *outer]`` optimisers from ``configure_optimizers``.
+    """
+
+    inner_log_name = "inner_loss"
+    """Progress-bar name of the inner level's loss."""
+    margin_pairs = 4096
+    """At most this many ID and as many OOD patches enter one class's margin loss."""
+
+    @staticmethod
+    def _check_episode_options(k_shot: int, k_choices: Sequence[int], direction: str, margin: str) -> None:
+        if k_shot < 1 or min(k_choices) < 1:
+            msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
+            raise ValueError(msg)
+        check_choice("direction", direction, DIRECTIONS)
+        check_choice("margin", margin, MARGINS)
+
+    def _init_episodes(
+        self,
+        *,
+        k_choices: Sequence[int],
+        direction: str,
+        margin: str,
+        pcgrad: bool,
+        outer: bool,
+        inner_queries: int,
+        anomalies_per_class: int,
+        seed: int,
+    ) -> None:
+        """Store the episode options (the model's arguments of the same names); manual optimisation, no sampler
+        yet (it needs the training classes), no hardness, no outer step taken."""
+        self.k_choices = list(k_choices)
+        self.direction = direction
+        self.margin = margin
+        self.pcgrad = pcgrad
+        self.outer = outer
+        self.inner_queries = inner_queries
+        self.anomalies_per_class = anomalies_per_class
+        self.seed = seed
+        self.automatic_optimization = False
+        self.sampler: EpisodeSampler | None = None
+        self.hardness: dict[str, float] = {}
+        self.outer_steps = 0
+
+    def _init_sampler(self) -> None:
+        """The episode sampler over the training pool's classes (kept across ``fit`` calls)."""
+        if self.sampler is None:
+            self.sampler = EpisodeSampler(
+                list(self.training_pool.classes), direction=self.direction, k_choices=self.k_choices, seed=self.seed
+            )
+
+    def _margin_term(
+        self, category: str, z_id: torch.Tensor, z_ood: torch.Tensor, temperature: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Confidence margin loss of one OOD class and its (detached) confidence gap; updates its hardness.
+
+        Equal numbers of ID and OOD logits (at most :attr:`margin_pairs`), drawn with the training pool's
+        generator so that episodes replay exactly from the seed.
+        """
+        limit = min(len(z_id), len(z_ood), self.margin_pairs)
+        generator = self.training_pool.generator
+        z_id = z_id[torch.randperm(len(z_id), generator=generator)[:limit].to(z_id.device)]
+        z_ood = z_ood[torch.randperm(len(z_ood), generator=generator)[:limit].to(z_ood.device)]
+        loss = confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin)
+        p_ood = torch.sigmoid(z_ood / temperature).mean().detach()
+        self.hardness[category] = float(p_ood)
+        return loss, torch.sigmoid(z_id / temperature).mean().detach() - p_ood
+
+    def _outer_update(
+        self,
+        outer_classes: Sequence[str],
+        losses: list[torch.Tensor],
+        clean: list[torch.Tensor],
+        gaps: list[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        shared: list[torch.Tensor],
+        calibration: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """PCGrad over the per-class margin losses and the clean term, then one step of each outer optimiser.
+
+        Args:
+            outer_classes (Sequence[str]): the episode's OOD classes (named in the warning when none had both
+                normal and anomalous patches).
+            losses (list[torch.Tensor]): one margin loss per class that had both.
+            clean (list[torch.Tensor]): the clean (ID-only) terms, one per such class.
+            gaps (list[torch.Tensor]): the confidence gaps, one per such class.
+            optimizers (Sequence[torch.optim.Optimizer]): the outer optimisers.
+            shared (list[torch.Tensor]): parameters the losses share (PCGrad projects their gradients).
+            calibration (list[torch.Tensor]): calibration parameters (boundaries, temperature): summed gradients.
+
+        Returns:
+            dict[str, torch.Tensor]: ``outer_loss`` and ``outer_gap`` to log, or ``{}`` when nothing was stepped.
+        """
+        if not losses:
+            if not getattr(self, "_warned_no_outer", False):
+                logger.warning("Outer level skipped: no anomalous patches for classes %s.", list(outer_classes))
+                self._warned_no_outer = True
+            return {}
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        outer_backward(
+            torch.stack(clean).mean(),
+            losses,
+            shared=shared,
+            calibration=calibration,
+            pcgrad=self.pcgrad,
+            backward=self.manual_backward,
+            seed=self.outer_steps,
+        )
+        for optimizer in optimizers:
+            optimizer.step()
+        self.outer_steps += 1
+        return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
+
+    def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One episode: the inner level on each inner class, then (unless ``outer=False``) the outer level."""
+        del batch, args, kwargs
+        inner_optimizer, *outer_optimizers = self.optimizers()
+        episode = self.sampler.sample(self.hardness)
+        inner = torch.stack([self._inner_step(c, episode.k, inner_optimizer) for c in episode.inner]).mean()
+        self.log(self.inner_log_name, inner, prog_bar=True)
+        logs = self._outer_step(episode.outer, episode.k, outer_optimizers) if self.outer else {}
+        for key, value in logs.items():
+            self.log(key, value, prog_bar=True)
+        self.log("temperature", self.model.temperature().detach())
+        return {"loss": inner + logs.get("outer_loss", 0.0)}
