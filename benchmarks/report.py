@@ -2,8 +2,9 @@
 
 Files written into the run folder (``results.csv`` and ``speed.csv`` are written by the runner as it goes):
 
-- ``summary.md``: per direction and metric, a model × k table of the class-mean metric, mean ± std over
-  reference seeds; skipped models with their reason; the run's wall time;
+- ``summary.md``: with several directions first each metric averaged over them (mean ± std over directions);
+  then per direction and metric, a model × k table of the class-mean metric, mean ± std over reference
+  seeds; skipped models with their reason; the run's wall time;
 - ``auroc_vs_k_<direction>.png``: image AUROC against k, one line per model, error bars over seeds;
 - ``per_class_bar.png``: image AUROC per target class and model at the largest k (seed mean ± std);
 - ``overlays/<direction>_<model>_k<k>_s<seed>.png``: a few test images with their anomaly map (anomalib's
@@ -176,6 +177,41 @@ def write_overlays(overlays: dict, folder: Path, size: int = 160) -> list[Path]:
     return paths
 
 
+def across_directions_tables(frame, models: list[str]) -> str:
+    """Markdown, for runs of several directions (leave-one-class-out): each metric averaged over directions.
+
+    A cell is the mean over directions of the per-direction seed mean, ± its std over directions (how much
+    the answer depends on which class is held out). A model with results in only some directions for a k
+    says in how many, e.g. ``0.812 ± 0.050 (4/5)``.
+    """
+    directions = list(dict.fromkeys(frame.direction))
+    if len(directions) < 2:
+        return ""
+    per_pass = class_mean_frame(frame)
+    ks = sorted(int(k) for k in frame.k_shot.dropna().unique())
+    lines = [f"## All {len(directions)} directions\n"]
+    for metric, title in SUMMARY_METRICS:
+        if metric not in per_pass or per_pass[metric].isna().all():
+            continue
+        lines.append(f"**{title}** (`{metric}`; mean ± std over directions of the seed mean)\n")
+        lines.append("| model | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---|" + "---|" * len(ks))
+        for model in models:
+            rows = per_pass[per_pass.model == model]
+            if rows.empty:
+                continue
+            cells = []
+            for k in ks:
+                means = rows[rows.k_shot == k].groupby("direction")[metric].mean().dropna()
+                cell = _fmt(means.tolist())
+                if 0 < len(means) < len(directions):
+                    cell += f" ({len(means)}/{len(directions)})"
+                cells.append(cell)
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def _eval_text(limit: int | None) -> str:
     if not limit:
         return "all evaluation images"
@@ -195,7 +231,8 @@ def write_report(folder: Path, recorder: Any, overlays: dict, config: dict, elap
         f"{_eval_text(config.get('max_eval_per_class'))}; "
         f"wall time {elapsed / 60:.1f} min.\n\n"
     )
-    (folder / "summary.md").write_text(header + summary_tables(frame, models) + "\n")
+    summary = across_directions_tables(frame, models) + summary_tables(frame, models)
+    (folder / "summary.md").write_text(header + summary + "\n")
     if not frame.empty and (frame.status == "ok").any():
         plot_auroc_vs_k(frame, folder, models)
         plot_per_class(frame, folder, models)

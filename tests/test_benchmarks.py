@@ -71,6 +71,22 @@ def test_runner_writes_results_tables_and_plots(synthetic_root, tmp_path) -> Non
     assert (speed.test_images_per_s > 0).all()
 
 
+@pytest.mark.slow
+def test_synthetic_loco_quick_holds_out_each_class_and_the_trained_model_beats_patch_knn(tmp_path) -> None:
+    """``--preset synthetic_loco --quick`` (about 40 s): five directions on faint generated defects."""
+    from benchmarks.runner import load_config, run_benchmark
+
+    folder = run_benchmark(load_config(preset="synthetic_loco", quick=True), tmp_path / "out")
+    assert (folder / "data" / "waves" / ".synthetic").read_text().endswith("-0.2")  # faint defects were made
+    frame = pd.read_csv(folder / "results.csv")
+    assert (frame.status == "ok").all(), frame.status
+    assert sorted(frame["class"].unique()) == ["checker", "dots", "stripes", "washer", "waves"]
+    mean = frame.groupby("model").image_AUROC.mean()
+    assert mean["CGAD"] > mean["PatchKNN"] + 0.05, mean  # measured: 0.860 vs 0.722
+    summary = (folder / "summary.md").read_text()
+    assert summary.index("## All 5 directions") < summary.index("## to_stripes")
+
+
 def test_class_metrics_splits_clear_and_subtle() -> None:
     from benchmarks.runner import class_metrics
 
@@ -83,6 +99,26 @@ def test_class_metrics_splits_clear_and_subtle() -> None:
     assert out["image_AUROC"] == pytest.approx(5 / 6)
     assert out["F1_transferred"] == pytest.approx(0.8)  # 2 of 3 anomalies above 25, no false positive
     assert math.isnan(out["pixel_AUROC"])
+
+
+def test_summary_averages_over_held_out_classes_and_flags_missing_ones() -> None:
+    import pandas as pd
+
+    from benchmarks.report import across_directions_tables
+
+    def row(direction, model, seed, auroc, status="ok"):
+        return {"direction": direction, "model": model, "k_shot": 4, "seed": seed, "class": direction[-1],
+                "status": status, "image_AUROC": auroc}  # fmt: skip
+
+    rows = [row("to_a", "M", 0, 0.8), row("to_a", "M", 1, 0.6), row("to_b", "M", 0, 0.9), row("to_b", "M", 1, 0.9)]
+    rows += [row("to_a", "P", 0, 0.5), row("to_b", "P", 0, float("nan"), status="failed: NaN scores")]
+    frame = pd.DataFrame(rows)
+    table = across_directions_tables(frame, ["M", "P"])
+    assert "## All 2 directions" in table
+    # M: seed means 0.7 (to_a) and 0.9 (to_b): mean 0.8, std over the two directions 0.141
+    assert "| M | 0.800 ± 0.141 |" in table
+    assert "| P | 0.500 (1/2) |" in table  # failed in one direction: said, not averaged away
+    assert across_directions_tables(frame[frame.direction == "to_a"], ["M"]) == ""
 
 
 def test_configuration_errors_are_clear(tmp_path) -> None:
@@ -120,6 +156,33 @@ def test_protocol_variants_build_the_base_model_with_their_arguments() -> None:
         validate_config({**config, "variants": {"bad": {"model": "Nope"}}})
     with pytest.raises(ValueError, match="Unknown models"):
         validate_config({**config, "models": ["not_a_variant"]})
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_preset_loads_and_validates(quick: bool) -> None:
+    from benchmarks.runner import PRESETS, load_config, validate_config
+
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    assert "synthetic_loco" in names
+    for name in names:
+        validate_config(load_config(preset=name, quick=quick))
+
+
+def test_synthetic_loco_holds_each_class_out_once_with_faint_defects() -> None:
+    from benchmarks.runner import build_ours, load_config
+
+    config = load_config(preset="synthetic_loco")
+    directions = config["directions"]
+    targets = [d["target_categories"] for d in directions]
+    classes = ["checker", "dots", "stripes", "washer", "waves"]
+    assert sorted(t for [t] in targets) == classes
+    for direction in directions:
+        assert sorted([*direction["source_categories"], *direction["target_categories"]]) == classes
+        assert direction["generate"]["defect_strength"] == 0.2
+    config = {**config, "image_size": 64}
+    assert build_ours("single_direction", config, 4).direction == "single"
+    assert build_ours("inner_only", config, 4).outer is False
+    assert build_ours("CGAD", config, 4).direction == "multi"
 
 
 def test_patch_knn_scores_a_pasted_defect_higher() -> None:

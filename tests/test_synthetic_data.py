@@ -70,3 +70,25 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="choose an empty root"):
         make_synthetic_mvtec(tmp_path, categories=("stripes",))
     assert (tmp_path / "stripes" / "user_file.txt").read_text() == "keep me"
+
+
+def test_faint_defects_change_only_the_masked_pixels_and_only_part_of_the_way(tmp_path: Path) -> None:
+    """``defect_strength`` (the ``synthetic_loco`` benchmark's harder data): same images and masks, fainter defects."""
+    kwargs = {"categories": ("checker",), "n_train": 2, "n_test_good": 1, "n_test_bad": 3, "image_size": 48, "seed": 3}
+    full = make_synthetic_mvtec(tmp_path / "full", **kwargs)
+    assert _digest(make_synthetic_mvtec(tmp_path / "one", defect_strength=1.0, **kwargs)) == _digest(full)
+    faint = make_synthetic_mvtec(tmp_path / "faint", defect_strength=0.2, **kwargs)
+    for part in ("train/good/000.png", "test/good/000.png", "ground_truth/blob/000_mask.png"):
+        assert (full / "checker" / part).read_bytes() == (faint / "checker" / part).read_bytes(), part
+
+    def read(root: Path) -> np.ndarray:
+        return np.asarray(Image.open(root / "checker" / "test" / "blob" / "000.png"), dtype=float)
+
+    mask = np.asarray(Image.open(full / "checker" / "ground_truth" / "blob" / "000_mask.png")) > 127
+    strong, weak = read(full), read(faint)
+    assert np.array_equal(strong[~mask], weak[~mask])  # outside the defect: the same normal pixels
+    # inside, the faint blob is 0.8 x the normal pixels + 0.2 x the dark blob: far brighter than the full one
+    assert strong[mask].mean() < 40
+    assert weak[mask].mean() > 60
+    with pytest.raises(ValueError, match=r"defect_strength must lie in \(0, 1\], got 0"):
+        make_synthetic_mvtec(tmp_path / "zero", defect_strength=0, **kwargs)

@@ -118,7 +118,9 @@ def _defect_mask(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
     return np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) < radius * wobble
 
 
-def _paint_defect(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, kind: str) -> np.ndarray:
+def _paint_defect(
+    rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, kind: str, strength: float = 1.0
+) -> np.ndarray:
     out = image.copy()
     if kind == "scratch":
         out[mask] = np.array([0.95, 0.95, 0.92]) + rng.normal(0, 0.02, 3)
@@ -126,7 +128,9 @@ def _paint_defect(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
         out[mask] = np.array([0.08, 0.06, 0.05]) + rng.normal(0, 0.02, 3)
     else:  # stain: a strong colour shift that keeps the texture underneath
         out[mask] = 0.35 * out[mask] + 0.65 * (np.array([0.1, 0.8, 0.1]) + rng.normal(0, 0.03, 3))
-    return out
+    if strength == 1.0:
+        return out
+    return image + strength * (out - image)  # a faint defect: part of the way from the normal pixels
 
 
 def _save(array: np.ndarray, path: Path) -> None:
@@ -142,6 +146,7 @@ def make_synthetic_mvtec(
     n_test_bad: int = 6,
     image_size: int = 96,
     seed: int = 0,
+    defect_strength: float = 1.0,
 ) -> Path:
     """Write a small MVTecAD-format dataset and return its root.
 
@@ -155,12 +160,15 @@ def make_synthetic_mvtec(
         n_test_bad (int): defective test images per class, spread over the defect types. Defaults to ``6``.
         image_size (int): square image size in pixels. Defaults to ``96``.
         seed (int): base seed; each class derives its own generator from it. Defaults to ``0``.
+        defect_strength (float): how far a defect's pixels move from the normal ones towards the painted
+            defect, in ``(0, 1]``: ``1`` paints it fully, ``0.2`` leaves a faint trace (a harder benchmark).
+            Masks are the same whatever the strength. Defaults to ``1.0``.
 
     Returns:
         Path: ``root``.
 
     Raises:
-        ValueError: an unknown category or a non-positive count.
+        ValueError: an unknown category, a non-positive count or a defect strength outside ``(0, 1]``.
     """
     unknown = [c for c in categories if c not in APPEARANCES]
     if unknown:
@@ -169,8 +177,13 @@ def make_synthetic_mvtec(
     if min(n_train, n_test_good, n_test_bad) < 1 or image_size < 16:
         msg = "n_train, n_test_good and n_test_bad must be >= 1 and image_size >= 16."
         raise ValueError(msg)
+    if not 0.0 < defect_strength <= 1.0:
+        msg = f"defect_strength must lie in (0, 1], got {defect_strength}."
+        raise ValueError(msg)
     root = Path(root)
     stamp = f"{n_train}-{n_test_good}-{n_test_bad}-{image_size}-{seed}"
+    if defect_strength != 1.0:
+        stamp += f"-{defect_strength}"
     for category in categories:
         folder = root / category
         marker = folder / ".synthetic"
@@ -191,7 +204,7 @@ def make_synthetic_mvtec(
             index = counters[kind]
             counters[kind] += 1
             mask = _defect_mask(rng, image_size, kind)
-            image = _paint_defect(rng, draw(rng, image_size), mask, kind)
+            image = _paint_defect(rng, draw(rng, image_size), mask, kind, defect_strength)
             _save(image, folder / "test" / kind / f"{index:03d}.png")
             _save(mask.astype(np.float64), folder / "ground_truth" / kind / f"{index:03d}_mask.png")
         marker.write_text(stamp)
