@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
 
 from anomalib_cgad import CGAD, MetaAD, ResAD
 from anomalib_cgad.components.backbone import FeatureExtractor
@@ -100,6 +103,23 @@ def test_outer_level_without_any_anomaly_is_skipped_with_one_warning(cross_class
     assert model.hardness == {}
     assert torch.equal(model.model.boundary, torch.zeros(2))  # the calibration optimiser never stepped
     assert model.trainer.global_step > 0
+
+
+def test_inner_anomalies_add_bg_spp_to_the_inner_level(cross_class, tmp_path) -> None:
+    """``inner_anomalies > 0``: the inner level also fits anomalies (ResAD's BG-SPP); ``0`` leaves it normal-only."""
+    with pytest.raises(ValueError, match="inner_anomalies must be >= 0, got -1"):
+        CGAD(inner_anomalies=-1)
+    trained = {}
+    for count in (0, 2):
+        seed_everything(0)
+        model = _small(CGAD, inner_anomalies=count, coupling_blocks=2, synthetic_per_class=4)
+        _engine(tmp_path / str(count), 1).fit(model=model, datamodule=cross_class())
+        trained[count] = model
+    assert trained[0]._inner_boundaries is None
+    boundaries = [ema.value for ema in trained[2]._inner_boundaries]
+    assert len(boundaries) == 2 and all(b is not None and math.isfinite(b) for b in boundaries)
+    flow = {name: p for name, p in trained[0].model.flow.named_parameters()}
+    assert any(not torch.equal(flow[name], p) for name, p in trained[2].model.flow.named_parameters())
 
 
 def _anomaly_margin(model, datamodule) -> float:

@@ -41,7 +41,7 @@ from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 from anomalib_cgad.models.cgad.torch_model import CGADModel
 from anomalib_cgad.models.episodic import EpisodicMixin
-from anomalib_cgad.models.resad.loss import occ_paper
+from anomalib_cgad.models.resad.loss import BoundaryEMA, flow_loss_paper, occ_paper
 
 
 class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
@@ -61,6 +61,10 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         condition_dim (int): positional-code length. Defaults to ``16`` (ResAD: 128; measured, see the model README).
         inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
         anomalies_per_class (int): anomalous images per OOD class and episode. Defaults to ``2``.
+        inner_anomalies (int): anomalous images per inner class and episode that the inner level also fits:
+            their residuals are pushed below a boundary of the normal log-likelihood (ResAD's BG-SPP,
+            ``flow_loss_paper``). ``0`` = the inner level sees normal images only. Defaults to ``0``
+            (measured in the model README).
         outer (bool): run the outer level (``False`` = inner only, the ablation). Defaults to ``True``.
         direction (str): ``"multi"`` or ``"single"`` episodes. Defaults to ``"multi"``.
         pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
@@ -99,6 +103,7 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         condition_dim: int = 16,
         inner_queries: int = 8,
         anomalies_per_class: int = 2,
+        inner_anomalies: int = 0,
         outer: bool = True,
         direction: str = "multi",
         pcgrad: bool = True,
@@ -133,6 +138,11 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             anomalies_per_class=anomalies_per_class,
             seed=seed,
         )
+        if inner_anomalies < 0:
+            msg = f"inner_anomalies must be >= 0, got {inner_anomalies}."
+            raise ValueError(msg)
+        self.inner_anomalies = inner_anomalies
+        self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step
         self.k_shot = k_shot
         self.few_shot_source = few_shot_source
         self.lr = lr
@@ -184,15 +194,27 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         return out
 
     def _inner_step(self, category: str, k: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        residuals, coverage = self._class_rows(category, k, self.inner_queries, 0)
+        residuals, coverage = self._class_rows(category, k, self.inner_queries, self.inner_anomalies)
         constrained = self.model.constraintor(residuals)
         occ = sum(
             occ_paper(flatten_patches(x), flatten_patches(r).detach(), c.reshape(-1))
             for x, r, c in zip(constrained, residuals, coverage, strict=True)
         )
-        nll = -sum(logp.mean() for logp in self._logp_rows([x.detach() for x in constrained]))
+        logps = self._logp_rows([x.detach() for x in constrained])
+        if not self.inner_anomalies:
+            nll = -sum(logp.mean() for logp in logps)
+            flow_loss = nll
+        else:  # normal NLL + BG-SPP: anomalous residuals below the EMA boundary of normal log-likelihood
+            if self._inner_boundaries is None:
+                self._inner_boundaries = [BoundaryEMA() for _ in logps]
+            flow_loss, nll = 0.0, 0.0
+            for logp, cov, ema in zip(logps, coverage, self._inner_boundaries, strict=True):
+                cov = cov.reshape(-1)
+                normal = logp[cov < 0.5]
+                flow_loss = flow_loss + flow_loss_paper(logp, cov, ema.update(normal))
+                nll = nll - normal.mean()
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(occ + nll)
+        self.manual_backward(occ + flow_loss)
         optimizer.step()
         return nll.detach()
 
