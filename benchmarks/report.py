@@ -50,27 +50,37 @@ def class_mean_frame(frame):
     return pd.concat([means, single]) if len(means) else single
 
 
+def _metric_tables(part, models: list[str], ks: list[int], spread: str, cell) -> list[str]:
+    """Markdown lines: for each metric with values in ``part``, a model × k table of ``cell(rows, k, metric)``."""
+    lines: list[str] = []
+    for metric, title in SUMMARY_METRICS:
+        if metric not in part or part[metric].isna().all():
+            continue
+        lines.append(f"**{title}** (`{metric}`; {spread})\n")
+        lines.append("| model | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---|" + "---|" * len(ks))
+        for model in models:
+            rows = part[part.model == model]
+            if not rows.empty:
+                lines.append(f"| {model} | " + " | ".join(cell(rows, k, metric) for k in ks) + " |")
+        lines.append("")
+    return lines
+
+
 def summary_tables(frame, models: list[str]) -> str:
     """Markdown: per direction and metric, model rows × k columns, mean ± std over seeds."""
     per_pass = class_mean_frame(frame)
+    ks = sorted(int(k) for k in frame.k_shot.dropna().unique())
     lines: list[str] = []
     for direction in dict.fromkeys(frame.direction):
-        part = per_pass[per_pass.direction == direction]
         lines.append(f"## {direction}\n")
-        ks = sorted(int(k) for k in frame.k_shot.dropna().unique())
-        for metric, title in SUMMARY_METRICS:
-            if metric not in part or part[metric].isna().all():
-                continue
-            lines.append(f"**{title}** (`{metric}`; mean ± std over reference seeds)\n")
-            lines.append("| model | " + " | ".join(f"k={k}" for k in ks) + " |")
-            lines.append("|---|" + "---|" * len(ks))
-            for model in models:
-                rows = part[part.model == model]
-                if rows.empty:
-                    continue
-                cells = [_fmt(rows[rows.k_shot == k][metric].tolist()) for k in ks]
-                lines.append(f"| {model} | " + " | ".join(cells) + " |")
-            lines.append("")
+        lines += _metric_tables(
+            per_pass[per_pass.direction == direction],
+            models,
+            ks,
+            "mean ± std over reference seeds",
+            lambda rows, k, metric: _fmt(rows[rows.k_shot == k][metric].tolist()),
+        )
         skipped = frame[(frame.direction == direction) & (frame.status != "ok")]
         for model, reason in dict(zip(skipped.model, skipped.status, strict=True)).items():
             lines.append(f"- **{model}**: {reason}")
@@ -187,28 +197,15 @@ def across_directions_tables(frame, models: list[str]) -> str:
     directions = list(dict.fromkeys(frame.direction))
     if len(directions) < 2:
         return ""
-    per_pass = class_mean_frame(frame)
     ks = sorted(int(k) for k in frame.k_shot.dropna().unique())
+
+    def cell(rows, k: int, metric: str) -> str:
+        means = rows[rows.k_shot == k].groupby("direction")[metric].mean().dropna()
+        text = _fmt(means.tolist())
+        return text + (f" ({len(means)}/{len(directions)})" if 0 < len(means) < len(directions) else "")
+
     lines = [f"## All {len(directions)} directions\n"]
-    for metric, title in SUMMARY_METRICS:
-        if metric not in per_pass or per_pass[metric].isna().all():
-            continue
-        lines.append(f"**{title}** (`{metric}`; mean ± std over directions of the seed mean)\n")
-        lines.append("| model | " + " | ".join(f"k={k}" for k in ks) + " |")
-        lines.append("|---|" + "---|" * len(ks))
-        for model in models:
-            rows = per_pass[per_pass.model == model]
-            if rows.empty:
-                continue
-            cells = []
-            for k in ks:
-                means = rows[rows.k_shot == k].groupby("direction")[metric].mean().dropna()
-                cell = _fmt(means.tolist())
-                if 0 < len(means) < len(directions):
-                    cell += f" ({len(means)}/{len(directions)})"
-                cells.append(cell)
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
-        lines.append("")
+    lines += _metric_tables(class_mean_frame(frame), models, ks, "mean ± std over directions of the seed mean", cell)
     return "\n".join(lines) + "\n"
 
 
