@@ -122,6 +122,9 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         self._check_episode_options(k_shot, k_choices, direction, margin)
+        if inner_anomalies < 0:
+            msg = f"inner_anomalies must be >= 0, got {inner_anomalies}."
+            raise ValueError(msg)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -138,9 +141,6 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             anomalies_per_class=anomalies_per_class,
             seed=seed,
         )
-        if inner_anomalies < 0:
-            msg = f"inner_anomalies must be >= 0, got {inner_anomalies}."
-            raise ValueError(msg)
         self.inner_anomalies = inner_anomalies
         self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step
         self.k_shot = k_shot
