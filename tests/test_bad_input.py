@@ -4,10 +4,9 @@ Cases (issue 9) and the chosen behaviour:
 
 - missing / empty dataset root, unknown class, k-shot larger than the normal images: ``CrossClass`` errors;
 - reference images (``few_shot_source``) of mixed sizes, grayscale, RGBA or 16-bit: resized/converted, scored;
-- dataset images of mixed sizes, grayscale or RGBA: scored; 16-bit dataset images: ``ValueError`` (anomalib's
-  reader would clip them to white);
+- dataset images of mixed sizes, grayscale or RGBA: scored (16-bit ones too: ``test_input_policy.py``);
 - a corrupt reference file: ``ReferenceError`` naming it; a corrupt dataset image: skipped with a warning
-  naming it (one bad frame does not stop a run);
+  naming it with ``bad_images="skip"`` (the default, ``"stop"``, is in ``test_input_policy.py``);
 - a bank of another backbone or image size: ``BankMismatchError`` naming the mismatch;
 - a checkpoint of another model or another checkpoint format: ``CheckpointMismatchError``;
 - NaN/inf in reference images, query images, features or weights: ``NonFiniteError`` / ``BankMismatchError``.
@@ -179,14 +178,6 @@ def test_mixed_sizes_grayscale_and_rgba_dataset_images_are_scored(synthetic_root
     assert torch.isfinite(scores).all()
 
 
-def test_16bit_dataset_images_give_a_clear_error(synthetic_root, tmp_path) -> None:
-    root = _copy_root(synthetic_root, tmp_path)
-    path = _good(root, split="test")[0]
-    _convert(path, path, "16bit")
-    with pytest.raises(ValueError, match=r"class 'waves' \(test\) holds 1 16-bit image\(s\), e.g. \['.*000\.png'\]"):
-        _datamodule(root).setup()
-
-
 def test_corrupt_reference_file_gives_a_clear_error_naming_it(synthetic_root, tmp_path) -> None:
     folder = tmp_path / "refs"
     folder.mkdir()
@@ -201,7 +192,7 @@ def test_corrupt_dataset_image_is_skipped_with_a_warning_naming_it(synthetic_roo
     root = _copy_root(synthetic_root, tmp_path)
     bad = _good(root, split="test")[5]
     bad.write_bytes(b"truncated by the line PC")
-    datamodule = _datamodule(root)
+    datamodule = _datamodule(root, bad_images="skip")
     with pytest.warns(UserWarning, match=r"class 'waves' \(test\): skipping 1 unreadable image file\(s\): .*005\.png"):
         datamodule.setup()
     assert len(datamodule.test_data) == 11

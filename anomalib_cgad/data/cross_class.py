@@ -35,8 +35,10 @@ from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base import AnomalibDataset
 from anomalib.data.utils import TestSplitMode, ValSplitMode
 from anomalib.data.utils.split import concatenate_datasets
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Sampler
+
+from anomalib_cgad.deploy.inferencer import bad_images_mode, check_unreadable, unreadable_images
+from anomalib_cgad.validation import check_count
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ DOWNLOADABLE = {
     "BTech": "https://avires.dimi.uniud.it/papers/btad/btad.zip",
 }
 
-
-WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 # Lightning warns that it cannot force drop_last=False into a custom batch sampler when predicting;
 # ClassBatches never drops anything (every index is in exactly one batch).
@@ -99,38 +99,22 @@ def _official(dataset: str, categories: list[str]) -> bool:
     return set(categories) <= set({"MVTecAD": mvtecad.CATEGORIES, "Visa": visa.CATEGORIES}[dataset])
 
 
-def _readable(data: AnomalibDataset, name: str) -> AnomalibDataset:
-    """Drop unreadable image files (with a warning naming them); refuse 16-bit images with a clear error.
+def _readable(data: AnomalibDataset, name: str, bad_images: str) -> AnomalibDataset:
+    """Find the image files that cannot be read; stop naming them, or (``bad_images="skip"``) drop them.
 
-    Only the file headers are read. A corrupt file in a dataset is *skipped* so that one bad frame from the
-    line does not stop training or testing; the warning names every skipped file. 16-bit images raise
-    ``ValueError``: anomalib's image reader converts them to 8-bit RGB by clipping, which turns them white
-    (a silently wrong score). Reference images given as ``few_shot_source`` may be 16-bit (see
-    :func:`anomalib_cgad.models.base.load_images`).
+    Every file is decoded once here, at set-up (about 1 ms for a 300² PNG), so a truncated file is named
+    before training starts rather than ending a test that runs after hours of training with an unnamed
+    ``OSError``. 16-bit files are read by the one input policy (see
+    :func:`anomalib_cgad.models.base.reread_wide_images`), like 8-bit ones.
     """
-    corrupt: dict[int, str] = {}
-    wide = []
-    for row, path in enumerate(data.samples.image_path):
-        try:
-            with Image.open(path) as image:
-                if image.mode in WIDE_MODES:
-                    wide.append(str(path))
-        except (UnidentifiedImageError, OSError) as exc:
-            corrupt[row] = f"{path} ({type(exc).__name__})"
-    if wide:
-        msg = (
-            f"{name} holds {len(wide)} 16-bit image(s), e.g. {wide[:3]}: anomalib's dataset reader would clip them "
-            "to white. Convert them to 8-bit (e.g. PIL: Image.fromarray((array >> 8).astype('uint8'))) first."
-        )
-        raise ValueError(msg)
-    if not corrupt:
+    bad = unreadable_images(list(data.samples.image_path))
+    if not bad:
         return data
-    if len(corrupt) == len(data):
-        msg = f"{name}: none of its {len(data)} image files can be read, e.g. {list(corrupt.values())[:3]}."
+    if len(bad) == len(data):
+        msg = f"{name}: none of its {len(data)} image files can be read, e.g. {list(bad.items())[:3]}."
         raise ValueError(msg)
-    skipped = list(corrupt.values())
-    warnings.warn(f"{name}: skipping {len(skipped)} unreadable image file(s): {skipped}", UserWarning, stacklevel=3)
-    return data.subsample([row for row in range(len(data)) if row not in corrupt])
+    check_unreadable(bad, name, bad_images)
+    return data.subsample([row for row, path in enumerate(data.samples.image_path) if str(path) not in bad])
 
 
 class ClassBatches(Sampler[list[int]]):
@@ -171,6 +155,9 @@ class CrossClass(AnomalibDataModule):
         eval_batch_size (int): Defaults to ``16``.
         num_workers (int): Defaults to ``0``.
         seed (int | None): Defaults to ``None``.
+        bad_images (str | None): an image file that cannot be read (corrupt, truncated): ``"stop"`` with an
+            error naming it, or ``"skip"`` it with a warning naming it. ``None``: the
+            ``ANOMALIB_CGAD_BAD_IMAGES`` environment variable, else ``"stop"``.
     """
 
     def __init__(
@@ -189,6 +176,7 @@ class CrossClass(AnomalibDataModule):
         eval_batch_size: int = 16,
         num_workers: int = 0,
         seed: int | None = None,
+        bad_images: str | None = None,
     ) -> None:
         super().__init__(
             train_batch_size=train_batch_size,
@@ -218,13 +206,12 @@ class CrossClass(AnomalibDataModule):
         if overlap:
             msg = f"Classes {overlap} are both source and target: a target class must be unseen in training."
             raise ValueError(msg)
-        if k_shot < 1:
-            msg = f"k_shot must be >= 1, got {k_shot}."
-            raise ValueError(msg)
+        check_count("k_shot", k_shot)
         if few_anomalies < 0:
             msg = f"few_anomalies must be >= 0, got {few_anomalies}."
             raise ValueError(msg)
         self.k_shot = k_shot
+        self.bad_images = bad_images_mode(bad_images)
         self.reference_seed = reference_seed
         self.few_anomalies = few_anomalies
         self.subtle = subtle
@@ -293,7 +280,7 @@ class CrossClass(AnomalibDataModule):
         if len(data) == 0:
             msg = f"{dataset} class '{category}' has no {split} images under '{root}'."
             raise ValueError(msg)
-        return _readable(data, f"{dataset} class '{category}' ({split})")
+        return _readable(data, f"{dataset} class '{category}' ({split})", self.bad_images)
 
     # ----------------------------------------------------------------- splits
     def _draw_references(self, data: AnomalibDataset, category: str, stage: str) -> list[int]:
@@ -413,9 +400,12 @@ class CrossClass(AnomalibDataModule):
     def reference_images(self, stage: str, index: int) -> torch.Tensor:
         """The k references of class ``index``: ``(k, 3, H, W)`` in [0, 1], resized like the batches."""
         stage = "test" if stage == "predict" else stage
+        from anomalib_cgad.models.base import reread_wide_images
+
         rows = self._references[(stage, index)]
         data = self._ref_sets[stage][index]
-        return torch.stack([data[i].image for i in rows])
+        images = torch.stack([data[i].image for i in rows])
+        return reread_wide_images(images, [str(data.samples.image_path.iloc[i]) for i in rows])
 
     def normal_pool(self) -> dict[str, list[str]]:
         """Normal training image paths per source class."""

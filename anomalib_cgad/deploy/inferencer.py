@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,8 +176,11 @@ class Bank:
                 metadata = json.loads(str(data["__metadata__"]))
                 names = sorted((k for k in data.files if k.startswith("bank_")), key=lambda k: int(k.split("_")[1]))
                 tensors = [np.asarray(data[name], dtype=np.float32) for name in names]
-        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
-            msg = f"'{path}' is not a reference bank file written by anomalib-cgad: {exc}"
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError: ValueError
+            reason = "the file is empty" if path.stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
+            msg = (
+                f"'{path}' is not a readable reference bank file (truncated or not written by anomalib-cgad): {reason}"
+            )
             raise BankError(msg) from exc
         if metadata.get("format") != BANK_FORMAT or not tensors:
             msg = f"'{path}' is not an anomalib-cgad bank file (format {metadata.get('format')!r})."
@@ -254,31 +258,168 @@ def resize_bilinear(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return (rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx).astype(np.float32)
 
 
+# ----------------------------------------------------------------- the input policy
+# Every entry point (training data, references, anomalib predict, bank, predict-ov, the Python API) reads
+# images and checks arrays with the functions below, so the same picture gives the same pixels everywhere.
+WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+BAD_IMAGE_CHOICES = ("stop", "skip")
+BAD_IMAGES_ENV = "ANOMALIB_CGAD_BAD_IMAGES"
+
+
+class ImageInputError(ValueError):
+    """An image file cannot be read, or an image array is not in a range the models take."""
+
+
+def bad_images_mode(value: str | None = None) -> str:
+    """What to do with an unreadable image file: ``"stop"`` (the default) or ``"skip"`` (and report it).
+
+    ``value`` when given, else the ``ANOMALIB_CGAD_BAD_IMAGES`` environment variable, else ``"stop"``: a run
+    that silently drops test images changes its metrics, so skipping is something the user asks for.
+    """
+    import os
+
+    mode = value if value is not None else os.environ.get(BAD_IMAGES_ENV, "stop")
+    if mode not in BAD_IMAGE_CHOICES:
+        origin = "bad_images" if value is not None else BAD_IMAGES_ENV
+        msg = f"{origin} must be one of {BAD_IMAGE_CHOICES}, got '{mode}'."
+        raise ImageInputError(msg)
+    return mode
+
+
 def read_image(path: str | Path, size: Sequence[int] | None) -> np.ndarray:
-    """One image as RGB float ``(3, H, W)`` in [0, 1] (grayscale, RGBA and 16-bit accepted), resized to ``size``."""
+    """One image file as RGB float ``(3, H, W)`` in [0, 1], resized to ``size`` (the one image reader).
+
+    - 8-bit modes (grayscale, RGB, RGBA, palette, CMYK, 1-bit) are converted with Pillow's ``convert("RGB")``
+      and divided by 255, exactly what anomalib's own dataset reader does (RGBA: the alpha channel is dropped).
+    - 16-bit grayscale (``I;16*``, and ``I`` with values in 0..65535) is divided by 65535, so a 16-bit copy
+      of an 8-bit picture (``value * 257``) gives the same pixels; anomalib's reader would clip it to white.
+    - Float (``F``) and 32-bit integer images outside 0..65535 are refused: their scale is unknown.
+    - A file that cannot be decoded (not an image, truncated) raises :class:`ImageInputError` naming it.
+    """
     try:
         with Image.open(path) as image:
-            if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
-                array = np.asarray(image, dtype=np.float32)
-                array = np.broadcast_to(array / max(float(array.max()), 1.0), (3, *array.shape))
+            image.load()  # decode now: a truncated file fails here, with its name, not deep in a data loader
+            if image.mode in WIDE_MODES:
+                array = np.asarray(image, dtype=np.float64)  # float64, then float32: see image_array
+                if array.size and (array.min() < 0 or array.max() > 65535):
+                    msg = (
+                        f"Image '{path}' is a 32-bit integer image with values in [{array.min():.0f}, "
+                        f"{array.max():.0f}]; save it as an 8-bit or 16-bit image."
+                    )
+                    raise ImageInputError(msg)
+                array = np.broadcast_to((array / 65535.0).astype(np.float32), (3, *array.shape))
+            elif image.mode == "F":
+                msg = (
+                    f"Image '{path}' holds float pixels (mode F) of unknown scale; save it as an 8-bit or 16-bit image."
+                )
+                raise ImageInputError(msg)
             else:
-                array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
+                array = image_array(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         msg = f"Could not read image '{path}': {exc}"
-        raise ValueError(msg) from exc
+        raise ImageInputError(msg) from exc
     return resize_bilinear(np.ascontiguousarray(array), size) if size else np.ascontiguousarray(array)
 
 
-def as_batch(images: str | Path | Sequence[str | Path] | np.ndarray, size: Sequence[int] | None) -> np.ndarray:
-    """Paths (files or folders) or a float [0, 1] array (``CHW``/``NCHW``) → ``(N, 3, H, W)`` float32."""
+def unreadable_images(paths: Sequence[str | Path]) -> dict[str, str]:
+    """``{path: reason}`` of the files among ``paths`` that :func:`read_image` cannot read (each is decoded)."""
+    bad = {}
+    for path in paths:
+        try:
+            read_image(path, None)
+        except ImageInputError as exc:
+            bad[str(path)] = str(exc.__cause__ or exc)
+    return bad
+
+
+def check_unreadable(bad: dict[str, str], where: str, mode: str) -> None:
+    """Stop (raise :class:`ImageInputError`) or warn about the unreadable files ``bad`` found in ``where``."""
+    if not bad:
+        return
+    names = ", ".join(f"'{path}' ({reason})" for path, reason in list(bad.items())[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    if mode == "stop":
+        msg = (
+            f"{where}: {len(bad)} image file(s) cannot be read: {names}{more}. Fix or remove them, or set "
+            f"{BAD_IMAGES_ENV}=skip (bad_images='skip') to skip them."
+        )
+        raise ImageInputError(msg)
+    import warnings
+
+    warnings.warn(f"{where}: skipping {len(bad)} unreadable image file(s): {names}{more}", UserWarning, stacklevel=3)
+
+
+def image_array(array: np.ndarray, what: str = "images") -> np.ndarray:
+    """An image array as float32 in [0, 1]: uint8 is divided by 255, uint16 by 65535, floats must lie in [0, 1].
+
+    Floats outside [0, 1] are refused rather than scored: an image in 0..255 (or one already normalised
+    with ImageNet's mean and std) would otherwise be scored as garbage with no warning. NaN values are left
+    for the callers' NaN checks, which name the images holding them.
+
+    Raises:
+        ImageInputError: another dtype, or floats outside [0, 1].
+
+    Example:
+        >>> image_array(np.array([0, 255], dtype=np.uint8)).tolist()
+        [0.0, 1.0]
+    """
+    array = np.asarray(array)
+    # Divided in float64, then rounded once to float32: v / 255 and (257 v) / 65535 then give the same float32,
+    # equal to anomalib's float32 v / 255 (a period-8 binary fraction never rounds differently twice).
+    if array.dtype == np.uint8:
+        return (array / 255.0).astype(np.float32)
+    if array.dtype == np.uint16:
+        return (array / 65535.0).astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        msg = f"{what} must be float arrays in [0, 1] or uint8/uint16 arrays; got dtype {array.dtype}."
+        raise ImageInputError(msg)
+    array = array.astype(np.float32, copy=False)
+    finite = array[np.isfinite(array)]
+    if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+        msg = (
+            f"{what} hold values in [{finite.min():.3g}, {finite.max():.3g}], but float images must lie in [0, 1]: "
+            "divide 0..255 images by 255 (or pass them as uint8), and pass images before normalisation."
+        )
+        raise ImageInputError(msg)
+    return array
+
+
+def as_batch(
+    images: str | Path | Sequence[str | Path] | np.ndarray, size: Sequence[int] | None, bad_images: str = "stop"
+) -> np.ndarray:
+    """Paths (files or folders) or an image array (``CHW``/``NCHW``, see :func:`image_array`) → ``(N, 3, H, W)``.
+
+    With ``bad_images="skip"`` unreadable files are left out (with a warning); use :func:`read_batch` to
+    know which ones were read.
+    """
     if isinstance(images, np.ndarray):
-        array = images.astype(np.float32, copy=False)
+        array = image_array(images)
         array = array[None] if array.ndim == 3 else array
-        if array.ndim != 4 or array.shape[1] != 3:
-            msg = f"Images must be (N, 3, H, W) or (3, H, W) arrays in [0, 1]; got shape {array.shape}."
-            raise ValueError(msg)
+        if array.ndim != 4 or array.shape[1] != 3 or 0 in array.shape:
+            msg = f"Images must be (N, 3, H, W) or (3, H, W) arrays in [0, 1]; got shape {images.shape}."
+            raise ImageInputError(msg)
         return np.stack([resize_bilinear(a, size) for a in array]) if size else array
-    return np.stack([read_image(path, size) for path in list_images(images)])
+    return read_batch(list_images(images), size, bad_images)[0]
+
+
+def read_batch(
+    paths: Sequence[str | Path], size: Sequence[int] | None, bad_images: str = "stop"
+) -> tuple[np.ndarray, list[Path]]:
+    """Read ``paths`` with :func:`read_image`; returns the ``(N, 3, H, W)`` batch and the paths it holds."""
+    mode = bad_images_mode(bad_images)
+    arrays, kept, bad = [], [], {}
+    for path in map(Path, paths):
+        try:
+            arrays.append(read_image(path, size))
+            kept.append(path)
+        except ImageInputError as exc:
+            if mode == "stop":
+                raise
+            bad[str(path)] = str(exc.__cause__ or exc)
+    check_unreadable(bad, "images", mode)
+    if not arrays:
+        return np.zeros((0, 3, *(size or (0, 0))), np.float32), kept
+    return np.stack(arrays), kept
 
 
 class BankInferencer:

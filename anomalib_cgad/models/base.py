@@ -37,11 +37,21 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_cgad.components.training_pool import TrainingPool
+from anomalib_cgad.deploy.inferencer import (
+    WIDE_MODES,
+    ImageInputError,
+    bad_images_mode,
+    check_unreadable,
+    image_array,
+    read_image,
+    unreadable_images,
+)
 from anomalib_cgad.safe_load import load_weights_only
 
 logger = logging.getLogger(__name__)
 
 LIGHTNING_DEFAULT_EPOCHS = 1000  # what Lightning trains when neither max_epochs nor max_steps is given
+DEFAULT_K_SHOT = 4  # references per class when neither the model nor a datamodule says
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -67,6 +77,7 @@ def default_evaluator() -> Evaluator:
 
 
 CHECKPOINT_KEY = "anomalib_cgad"
+USE_CHECKPOINT_BANK = "checkpoint"  # few_shot_source value: score against the bank stored in the checkpoint
 CHECKPOINT_FORMAT = 1
 
 
@@ -111,23 +122,97 @@ def list_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 def load_images(paths: Sequence[str | Path], size: tuple[int, int]) -> torch.Tensor:
-    """Load images as RGB float ``(N, 3, H, W)`` in [0, 1], resized to ``size`` (grayscale, RGBA, 16-bit ok)."""
+    """Load images as RGB float ``(N, 3, H, W)`` in [0, 1], resized to ``size``, with the one input policy.
+
+    Pixels come from :func:`anomalib_cgad.deploy.inferencer.read_image` (grayscale, RGBA, palette, 16-bit
+    and any size accepted, converted as in every other entry point); the resize is torch's bilinear one
+    without antialiasing, the same as the models' pre-processor ``Resize``.
+
+    Raises:
+        ReferenceError: a file cannot be read (named), or holds pixels of unknown scale.
+    """
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
-                    array = torch.from_numpy(np.asarray(image, dtype=np.float32))
-                    image_tensor = (array / max(float(array.max()), 1.0)).expand(3, *array.shape)
-                else:
-                    rgb = image.convert("RGB")
-                    image_tensor = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
-            msg = f"Could not read reference image '{path}': {exc}"
+            array = read_image(path, None)
+        except ImageInputError as exc:
+            cause = exc.__cause__
+            msg = f"Could not read reference image '{path}': {cause}" if cause is not None else str(exc)
             raise ReferenceError(msg) from exc
-        resized = F.interpolate(image_tensor[None].float(), size=size, mode="bilinear", align_corners=False)
+        resized = F.interpolate(torch.from_numpy(array)[None], size=tuple(size), mode="bilinear", align_corners=False)
         images.append(resized[0])
     return torch.stack(images)
+
+
+def is_wide_image(path: str | Path) -> bool:
+    """Whether ``path`` is a 16/32-bit integer image (read from its header only; ``False`` if unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in WIDE_MODES
+    except (UnidentifiedImageError, OSError, TypeError, ValueError):
+        return False
+
+
+def reread_wide_images(images: torch.Tensor, paths: Sequence[str] | None, transform=None) -> torch.Tensor:
+    """Replace the images anomalib's dataset reader clipped (16-bit files) by the one input policy's pixels.
+
+    anomalib's reader is ``Image.open(path).convert("RGB")``: identical to :func:`load_images` for 8-bit
+    files, but it clips 16-bit ones to white. Those rows are read again at the batch's size and, when
+    ``transform`` is given (the batch is already pre-processed), passed through it, so a 16-bit copy of a
+    picture gets the score of its 8-bit original in training, validation, test and ``anomalib predict``.
+    Only headers are read for the other files.
+    """
+    rows = [i for i, path in enumerate(paths or []) if is_wide_image(path)]
+    if not rows:
+        return images
+    fixed = load_images([paths[i] for i in rows], tuple(images.shape[-2:])).to(images.device, images.dtype)
+    if transform is not None:
+        fixed = transform(fixed)
+    images = images.clone()
+    images[rows] = fixed
+    return images
+
+
+def reference_tensor(images, size: tuple[int, int], k_shot: int | None = None) -> torch.Tensor:
+    """Reference images given to the Python API, as float ``(k, 3, H, W)`` in [0, 1] (the one input policy).
+
+    Accepts a ``(k, 3, H, W)`` tensor or array (uint8/uint16 are scaled; floats must lie in [0, 1]), a
+    list of ``(3, H, W)`` tensors/arrays (each resized to ``size``), a folder or a list of image files.
+
+    Raises:
+        ReferenceError: no images, a wrong shape, or a list mixing files and tensors.
+        ImageInputError: floats outside [0, 1] or an unsupported dtype.
+    """
+    if isinstance(images, str | Path):
+        return load_images(list_images(images), size)
+    if isinstance(images, list | tuple):
+        if not images:
+            msg = "No reference images given (an empty list): pass k normal images of the class."
+            raise ReferenceError(msg)
+        if all(isinstance(item, str | Path) for item in images):
+            return load_images(list_images(list(images)), size)
+        if any(isinstance(item, str | Path) for item in images):
+            msg = "Reference images must be all file paths or all tensors/arrays, not a mix."
+            raise ReferenceError(msg)
+        items = [reference_tensor(item, size) for item in images]
+        return torch.cat([F.interpolate(item, size=tuple(size), mode="bilinear", align_corners=False)
+                          if tuple(item.shape[-2:]) != tuple(size) else item for item in items])  # fmt: skip
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        msg = f"Reference images must be a tensor, an array, a folder or a list of files; got {type(images).__name__}."
+        raise ReferenceError(msg)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1] != 3:
+        msg = f"Reference images must have shape (k, 3, H, W); got {tuple(images.shape)}."
+        raise ReferenceError(msg)
+    if images.shape[0] == 0 or images.numel() == 0:
+        msg = f"No reference images given (shape {tuple(images.shape)}): pass k normal images of the class."
+        raise ReferenceError(msg)
+    if images.dtype == torch.bfloat16:
+        images = images.float()
+    return torch.from_numpy(image_array(images.detach().cpu().numpy(), "Reference images"))
 
 
 def _check_finite(values: torch.Tensor, paths: Sequence[str] | None, problem: str) -> None:
@@ -193,6 +278,9 @@ class ReferenceMixin:
     def _init_references(self) -> None:
         self._bank_key: tuple[str, int] | None = None
         self.training_pool: TrainingPool | None = None
+        # The training classes and the bank of the checkpoint this model was loaded from (see _ensure_bank).
+        self._checkpoint_classes: list[str] = []
+        self._checkpoint_bank: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- training side
     def _category_resolver(self):
@@ -214,7 +302,9 @@ class ReferenceMixin:
 
         def batches():
             for batch in loader:
-                yield batch.to(device) if hasattr(batch, "to") else batch
+                batch = batch.to(device) if hasattr(batch, "to") else batch
+                batch.image = reread_wide_images(batch.image, batch.image_path)  # 16-bit files: the input policy
+                yield batch
 
         pool = TrainingPool(synthetic_per_class=synthetic_per_class, seed=seed)
         self.training_pool = pool.build(
@@ -235,6 +325,8 @@ class ReferenceMixin:
         return (256, 256)
 
     def _reference_images(self, stage: str, dataloader_idx: int) -> torch.Tensor | None:
+        if self.few_shot_source == USE_CHECKPOINT_BANK:
+            return None
         if self.few_shot_source:
             paths = list_images(self.few_shot_source)
             if len(paths) < self.k_shot:
@@ -253,18 +345,22 @@ class ReferenceMixin:
         if len(normal) < self.k_shot:
             msg = f"The training set has {len(normal)} normal images; k_shot={self.k_shot} references requested."
             raise ReferenceError(msg)
-        return torch.stack([train_data[i].image for i in normal[: self.k_shot]])
+        paths = [str(train_data.samples.image_path.iloc[i]) for i in normal[: self.k_shot]]
+        return reread_wide_images(torch.stack([train_data[i].image for i in normal[: self.k_shot]]), paths)
 
-    def set_references(self, images: torch.Tensor) -> None:
-        """Normalise un-normalised reference images ``(k, 3, H, W)`` and store them as the bank.
+    def set_references(self, images) -> None:
+        """Normalise un-normalised reference images and store them as the bank.
+
+        Args:
+            images: ``(k, 3, H, W)`` float tensor/array in [0, 1] or uint8 (scaled by 1/255), a list of
+                ``(3, H, W)`` images, a folder or a list of image files (see :func:`reference_tensor`).
 
         Raises:
-            ReferenceError: wrong shape.
+            ReferenceError: no images or a wrong shape.
+            ImageInputError: float values outside [0, 1] (e.g. 0..255 images not divided by 255).
             NonFiniteError: NaN or inf pixel values.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            msg = f"Reference images must have shape (k, 3, H, W); got {tuple(images.shape)}."
-            raise ReferenceError(msg)
+        images = reference_tensor(images, self.reference_image_size())
         bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
         if bad:
             msg = f"Reference images {bad} (of {len(images)}) contain NaN or inf pixel values."
@@ -285,7 +381,87 @@ class ReferenceMixin:
                 "datamodule with a training split, or a checkpoint that holds a bank."
             )
             raise ReferenceError(msg)
+        elif self.few_shot_source != USE_CHECKPOINT_BANK and self._holds_checkpoint_bank():
+            self._check_checkpoint_bank_use()
         self._bank_key = key
+
+    def _holds_checkpoint_bank(self) -> bool:
+        """Whether the bank is still the one loaded from the checkpoint (not set for a class since)."""
+        if not self._checkpoint_bank:
+            return False
+        own = self.state_dict()
+        return all(
+            key in own and own[key].shape == value.shape and torch.equal(own[key].cpu(), value.cpu())
+            for key, value in self._checkpoint_bank.items()
+        )
+
+    def _check_checkpoint_bank_use(self) -> None:
+        """Refuse to score with a multi-class checkpoint's bank, which holds the references of a training class.
+
+        A model trained on several classes ends training with the bank of whichever class it validated last;
+        scoring a new product against it gives scores that look plausible and mean nothing. With one
+        training class the bank is that class's, so it is used, with a warning naming the class.
+        """
+        classes = self._checkpoint_classes
+        if len(classes) > 1:
+            msg = (
+                f"No references for the images to score: the checkpoint's bank holds a training class's "
+                f"references (trained on {classes}). Pass few_shot_source=<folder of k normal images of this "
+                f"class> (--model.few_shot_source), or few_shot_source='{USE_CHECKPOINT_BANK}' to score against "
+                "the checkpoint's bank anyway."
+            )
+            raise ReferenceError(msg)
+        logger.warning(
+            "Scoring against the bank stored in the checkpoint (references of training class %s); pass "
+            "few_shot_source to score a new class against its own references.",
+            classes[0] if classes else "unknown",
+        )
+
+    def setup(self, stage: str) -> None:
+        """Before ``anomalib predict`` reads a folder, name (or skip) its unreadable files; check the k-shots agree.
+
+        anomalib's ``PredictDataset`` reads each file when its batch is due and a truncated one ends the run
+        with ``OSError: image file is truncated`` and no file name. Here, before any batch is read, every file
+        is decoded once: with ``ANOMALIB_CGAD_BAD_IMAGES`` unset or ``stop`` the run stops with an error naming
+        them, with ``skip`` they are left out with a warning naming them. (The dataloaders given to
+        ``trainer.predict`` are only reachable through Lightning's ``predict_loop._data_source`` here; if that
+        changes, the scan is skipped and the files are read as before.)
+        """
+        super().setup(stage)
+        if stage == "predict" and self._trainer is not None:
+            source = getattr(getattr(self.trainer.predict_loop, "_data_source", None), "instance", None)
+            loaders = source if isinstance(source, list | tuple) else [source]
+            for loader in loaders:
+                dataset = getattr(loader, "dataset", None)
+                files = getattr(dataset, "image_filenames", None)
+                if isinstance(files, list) and files:
+                    mode = bad_images_mode()
+                    bad = unreadable_images(files)
+                    check_unreadable(bad, "the images to predict", mode)
+                    dataset.image_filenames = [f for f in files if str(f) not in bad]
+        self._check_k_shot_agrees()
+
+    def _check_k_shot_agrees(self) -> None:
+        """Use the datamodule's k_shot when the model was given none; refuse two different explicit values.
+
+        A datamodule that draws its own references (``CrossClass``) would otherwise silently win over
+        ``--model.k_shot``. The adopted value is written into ``hparams`` so the checkpoint carries it.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_k = getattr(datamodule, "k_shot", None)
+        if self.few_shot_source or data_k is None or not hasattr(datamodule, "reference_images"):
+            return
+        if data_k == self.k_shot:
+            return
+        if getattr(self, "_k_shot_given", True):
+            msg = (
+                f"The model's k_shot={self.k_shot} and the datamodule's k_shot={data_k} disagree: set both to "
+                f"the same value (--model.k_shot {data_k} --data.k_shot {data_k}) or leave --model.k_shot unset."
+            )
+            raise ValueError(msg)
+        self.k_shot = data_k
+        if "k_shot" in self.hparams:
+            self.hparams["k_shot"] = data_k
 
     def on_validation_start(self) -> None:
         """Forget the bank key so the first validation batch sets the references of its class."""
@@ -304,6 +480,8 @@ class ReferenceMixin:
         if datamodule is not None and hasattr(datamodule, "class_index") and batch.image_path:
             dataloader_idx = datamodule.class_index(stage, batch.image_path[0])
         self._ensure_bank(stage, dataloader_idx)
+        # anomalib's readers clipped 16-bit files to white before the pre-processor ran: re-read them.
+        batch.image = reread_wide_images(batch.image, batch.image_path, self.pre_processor.transform)
         _check_finite(batch.image, batch.image_path, "contain NaN or inf pixel values")
         output = self.model(batch.image)
         _check_finite(
@@ -323,6 +501,7 @@ class ReferenceMixin:
             "format": CHECKPOINT_FORMAT,
             "model": type(self).__name__,
             "bank": {**metadata, "image_size": list(self.reference_image_size()), "k": int(self.model.bank.num_refs)},
+            "classes": sorted(self.training_pool.classes) if self.training_pool else list(self._checkpoint_classes),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -335,7 +514,10 @@ class ReferenceMixin:
                 (untagged or tagged) weights whose names or shapes do not match this model's configuration.
         """
         tag = self._check_checkpoint_tag(checkpoint)
-        self._check_state_dict(checkpoint.get("state_dict", {}), tagged=tag is not None)
+        state = checkpoint.get("state_dict", {})
+        self._check_state_dict(state, tagged=tag is not None)
+        self._checkpoint_classes = [str(c) for c in (tag or {}).get("classes", [])]
+        self._checkpoint_bank = {key: value for key, value in state.items() if ".bank." in key}
         super().on_load_checkpoint(checkpoint)
 
     @classmethod

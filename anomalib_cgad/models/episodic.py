@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, outer_backward
 from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
-from anomalib_cgad.validation import check_choice
+from anomalib_cgad.validation import check_choice, check_count
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class EpisodicMixin:
 
     @staticmethod
     def _check_episode_options(k_shot: int, k_choices: Sequence[int], direction: str, margin: str) -> None:
+        for name, value in (("k_shot", k_shot), *(("k_choices", k) for k in k_choices)):
+            check_count(name, value, check_range=False)  # type first; the range message below names both options
         if k_shot < 1 or min(k_choices) < 1:
             msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
             raise ValueError(msg)

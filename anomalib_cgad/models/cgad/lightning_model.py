@@ -38,7 +38,7 @@ from torch import nn
 
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
+from anomalib_cgad.models.base import DEFAULT_K_SHOT, ReferenceMixin, default_evaluator
 from anomalib_cgad.models.cgad.torch_model import CGADModel
 from anomalib_cgad.models.episodic import EpisodicMixin
 from anomalib_cgad.models.resad.loss import BoundaryEMA, flow_loss_paper, occ_paper
@@ -51,7 +51,8 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
         layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
-        k_shot (int): references of a test class. Defaults to ``4``.
+        k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
+            (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
         k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
         few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
         matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"`` (ResAD's released code; measured
@@ -94,7 +95,7 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         backbone: str = "tf_efficientnet_lite0",
         layers: Sequence[int] = (2, 3),
         backbone_weights: str | None = "pretrained",
-        k_shot: int = 4,
+        k_shot: int | None = None,
         k_choices: Sequence[int] = (1, 2, 4, 8),
         few_shot_source: str | None = None,
         matching: str = "cosine",
@@ -121,6 +122,7 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         evaluator: nn.Module | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
         self._check_episode_options(k_shot, k_choices, direction, margin)
         if inner_anomalies < 0:
             msg = f"inner_anomalies must be >= 0, got {inner_anomalies}."
@@ -144,6 +146,7 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         self.inner_anomalies = inner_anomalies
         self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step
         self.k_shot = k_shot
+        self._k_shot_given = k_shot_given
         self.few_shot_source = few_shot_source
         self.lr = lr
         self.outer_lr = outer_lr

@@ -29,7 +29,7 @@ from torch import nn
 
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
+from anomalib_cgad.models.base import DEFAULT_K_SHOT, ReferenceMixin, default_evaluator
 from anomalib_cgad.models.episodic import EpisodicMixin
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
 from anomalib_cgad.validation import check_choice
@@ -44,7 +44,8 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
         layers (Sequence[int]): two backbone stages. Defaults to ``(2, 3)``.
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
-        k_shot (int): references of a test class. Defaults to ``4``.
+        k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
+            (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
         k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
         few_shot_source (str | None): folder of reference images. Defaults to ``None``.
         input_mode (str): ``"residual"`` or ``"raw"``. Defaults to ``"residual"``.
@@ -82,7 +83,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         backbone: str = "tf_efficientnet_lite0",
         layers: Sequence[int] = (2, 3),
         backbone_weights: str | None = "pretrained",
-        k_shot: int = 4,
+        k_shot: int | None = None,
         k_choices: Sequence[int] = (1, 2, 4, 8),
         few_shot_source: str | None = None,
         input_mode: str = "residual",
@@ -111,6 +112,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_choice("inner_mode", inner_mode, INNER_MODES)
+        k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
         self._check_episode_options(k_shot, k_choices, direction, margin)
         if anomalies_per_class < 0:
             msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
@@ -135,6 +137,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             seed=seed,
         )
         self.k_shot = k_shot
+        self._k_shot_given = k_shot_given
         self.few_shot_source = few_shot_source
         self.inner_mode = inner_mode
         self.reconstruction_weight = reconstruction_weight

@@ -38,7 +38,7 @@ from torch import nn
 from anomalib_cgad.components.flow import chunks
 from anomalib_cgad.components.reference_bank import ReferenceBank, batched_residual_features, flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
+from anomalib_cgad.models.base import DEFAULT_K_SHOT, ReferenceMixin, default_evaluator
 from anomalib_cgad.models.resad.loss import (
     BoundaryEMA,
     flow_loss_official,
@@ -47,7 +47,7 @@ from anomalib_cgad.models.resad.loss import (
     occ_paper,
 )
 from anomalib_cgad.models.resad.torch_model import ResADModel
-from anomalib_cgad.validation import check_choice
+from anomalib_cgad.validation import check_choice, check_count
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
         layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
-        k_shot (int): references of a test class. Defaults to ``4``.
+        k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
+            (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
         train_k_shot (int): references drawn per training query. Defaults to ``4``.
         few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
         coupling_blocks (int): flow blocks per level. Defaults to ``8``.
@@ -131,7 +132,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         backbone: str = "tf_efficientnet_lite0",
         layers: Sequence[int] = (2, 3),
         backbone_weights: str | None = "pretrained",
-        k_shot: int = 4,
+        k_shot: int | None = None,
         train_k_shot: int = 4,
         few_shot_source: str | None = None,
         coupling_blocks: int = 8,
@@ -160,6 +161,9 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_choice("preset", preset, sorted(PRESETS))
+        k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
+        check_count("k_shot", k_shot, check_range=False)  # type first; the range message below names both options
+        check_count("train_k_shot", train_k_shot, check_range=False)
         if k_shot < 1 or train_k_shot < 1:
             msg = f"k_shot and train_k_shot must be >= 1 (got {k_shot}, {train_k_shot})."
             raise ValueError(msg)
@@ -179,6 +183,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             options["fdm"] = bool(fdm)
         self.options = options
         self.k_shot = k_shot
+        self._k_shot_given = k_shot_given
         self.train_k_shot = train_k_shot
         self.few_shot_source = few_shot_source
         self.lr = lr
