@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _run_anomalib(argv: list[str]) -> None:
     from anomalib.cli.cli import main as anomalib_main
 
     import anomalib_cgad  # noqa: F401 - registers the models before anomalib parses
+    from anomalib_cgad.errors import install_excepthook
+
+    install_excepthook()  # again: importing anomalib's CLI installed rich's traceback hook over ours
 
     sys.argv = ["anomalib", *argv]
     anomalib_main()
@@ -43,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomalib-cgad",
         description="Class-generalizable anomaly detection for anomalib. Also accepts anomalib's own "
         f"subcommands ({', '.join(sorted(ANOMALIB_SUBCOMMANDS))}) with the plugin's models registered.",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="full tracebacks for anomalib-cgad's errors (default: one line)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     from anomalib_cgad.demo import add_demo_arguments
@@ -84,18 +91,37 @@ def _inferencer(args: argparse.Namespace, command: str):
     return None  # unreachable
 
 
+def _add_bad_images_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bad-images",
+        choices=("stop", "skip"),
+        default=None,
+        help="an unreadable image file: stop naming it, or skip and report it "
+        "(default: $ANOMALIB_CGAD_BAD_IMAGES, else stop)",
+    )
+
+
 def _add_bank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, nargs="+", help="folder(s) or files of normal images of the class")
     _add_common_ov_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="bank file to write (.npz)")
     parser.add_argument("--k", type=int, default=None, help="images to use (default: the model's k_shot)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_bad_images_argument(parser)
     parser.set_defaults(func=_bank_command)
 
 
 def _bank_command(args: argparse.Namespace) -> None:
     """``anomalib-cgad bank``: k images → ``.npz`` bank, with the exported encoder."""
-    from anomalib_cgad.deploy.inferencer import list_images
+    import numpy as np
+
+    from anomalib_cgad.deploy.inferencer import (
+        ImageInputError,
+        bad_images_mode,
+        check_unreadable,
+        list_images,
+        read_image,
+    )
 
     if args.out.suffix != ".npz":
         _fail("bank", f"--out must be a .npz file, got '{args.out}'.")
@@ -104,6 +130,7 @@ def _bank_command(args: argparse.Namespace) -> None:
     if args.k is not None and args.k < 1:
         _fail("bank", f"--k must be >= 1, got {args.k}.")
     try:
+        mode = bad_images_mode(args.bad_images)
         paths = list_images(args.images)
     except (FileNotFoundError, ValueError) as exc:
         _fail("bank", str(exc))
@@ -111,8 +138,21 @@ def _bank_command(args: argparse.Namespace) -> None:
     k = args.k or inferencer.k_shot
     if len(paths) < k:
         _fail("bank", f"{len(paths)} image(s) given but k={k} references are needed (pass --k to use fewer).")
+    arrays, bad = [], {}
+    for path in paths:  # the first k readable images (with --bad-images skip, unreadable ones are passed over)
+        if len(arrays) == k:
+            break
+        try:
+            arrays.append(read_image(path, inferencer.image_size))
+        except ImageInputError as exc:
+            if mode == "stop":
+                _fail("bank", f"{exc} Fix or remove it, or pass --bad-images skip.")
+            bad[str(path)] = str(exc.__cause__ or exc)
+    check_unreadable(bad, "the bank's images", "skip")
+    if len(arrays) < k:
+        _fail("bank", f"only {len(arrays)} of the {len(paths)} images given can be read; k={k} are needed.")
     try:
-        bank = inferencer.compute_bank(paths[:k])
+        bank = inferencer.compute_bank(np.stack(arrays))
     except ValueError as exc:
         _fail("bank", str(exc))
     bank.save(args.out, overwrite=args.overwrite)
@@ -127,6 +167,7 @@ def _add_predict_ov_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for anomaly-map overlays and predictions.csv")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default: 8)")
+    _add_bad_images_argument(parser)
     parser.set_defaults(func=_predict_ov_command)
 
 
@@ -141,8 +182,22 @@ def _save_overlay(path: Path, image, anomaly_map) -> None:
 
 
 def _predict_ov_command(args: argparse.Namespace) -> None:
-    """``anomalib-cgad predict-ov``: score and label per image, optional overlays."""
-    from anomalib_cgad.deploy.inferencer import Bank, BankError, as_batch, list_images
+    """``anomalib-cgad predict-ov``: score and label per image, optional overlays.
+
+    ``predictions.csv`` is written even when the run stops on an unreadable image: it then holds the
+    scores of every image before it. With ``--bad-images skip`` unreadable images get a row with the label
+    ``unreadable`` and no score.
+    """
+    import numpy as np
+
+    from anomalib_cgad.deploy.inferencer import (
+        Bank,
+        BankError,
+        ImageInputError,
+        bad_images_mode,
+        list_images,
+        read_image,
+    )
 
     if args.batch_size < 1:
         _fail("predict-ov", f"--batch-size must be >= 1, got {args.batch_size}.")
@@ -152,6 +207,7 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
         if any(args.out.iterdir()) and not args.overwrite:
             _fail("predict-ov", f"--out folder '{args.out}' is not empty; pass --overwrite to write into it.")
     try:
+        mode = bad_images_mode(args.bad_images)
         paths = list_images(args.images)
     except (FileNotFoundError, ValueError) as exc:
         _fail("predict-ov", str(exc))
@@ -166,34 +222,62 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     print(f"{'score':>8}  {'label':<9}  image")
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start : start + args.batch_size]
-        try:
-            images = as_batch(chunk, inferencer.image_size)
-        except ValueError as exc:
-            _fail("predict-ov", str(exc))
-        result = inferencer.predict(images, bank)
-        for i, path in enumerate(chunk):
-            score = float(result["pred_score"].reshape(-1)[i])
-            label = "anomalous" if bool(result["pred_label"].reshape(-1)[i]) else "normal"
-            rows.append({"image": str(path), "score": score, "label": label})
-            print(f"{score:8.4f}  {label:<9}  {path}")
-            if args.out is not None:
-                name = f"{path.stem}_anomaly_map.png"
-                name = name if name not in used else f"{path.stem}_{len(rows)}_anomaly_map.png"
-                used.add(name)
-                _save_overlay(args.out / name, images[i], result["anomaly_map"][i])
+    failure: ImageInputError | None = None
+    try:
+        for start in range(0, len(paths), args.batch_size):
+            arrays, chunk = [], []
+            for path in paths[start : start + args.batch_size]:
+                try:
+                    arrays.append(read_image(path, inferencer.image_size))
+                    chunk.append(path)
+                except ImageInputError as exc:
+                    if mode == "stop":
+                        failure = exc
+                        break
+                    rows.append({"image": str(path), "score": "", "label": "unreadable"})
+                    print(f"{'-':>8}  {'unreadable':<9}  {path}  ({exc.__cause__ or exc})")
+            if arrays:
+                images = np.stack(arrays)
+                result = inferencer.predict(images, bank)
+                for i, path in enumerate(chunk):
+                    score = float(result["pred_score"].reshape(-1)[i])
+                    label = "anomalous" if bool(result["pred_label"].reshape(-1)[i]) else "normal"
+                    rows.append({"image": str(path), "score": score, "label": label})
+                    print(f"{score:8.4f}  {label:<9}  {path}")
+                    if args.out is not None:
+                        name = f"{path.stem}_anomaly_map.png"
+                        name = name if name not in used else f"{path.stem}_{len(rows)}_anomaly_map.png"
+                        used.add(name)
+                        _save_overlay(args.out / name, images[i], result["anomaly_map"][i])
+            if failure is not None:
+                break
+    finally:  # the scores already computed are written even if a later image or the user stops the run
+        if args.out is not None:
+            with (args.out / "predictions.csv").open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["image", "score", "label"])
+                writer.writeheader()
+                writer.writerows(rows)
+    if failure is not None:
+        where = (
+            f" (the {len(rows)} image(s) scored before it are in {args.out / 'predictions.csv'})" if args.out else ""
+        )
+        _fail("predict-ov", f"{failure}{where}. Fix or remove it, or pass --bad-images skip.")
+    skipped = sum(row["label"] == "unreadable" for row in rows)
+    if skipped:
+        print(f"Skipped {skipped} unreadable image(s) (label 'unreadable').")
     if args.out is not None:
-        with (args.out / "predictions.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["image", "score", "label"])
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"Wrote {len(rows)} anomaly-map overlay(s) and predictions.csv to {args.out}")
+        print(f"Wrote {len(rows) - skipped} anomaly-map overlay(s) and predictions.csv to {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``anomalib-cgad`` console script."""
+    from anomalib_cgad.errors import TRACEBACK_ENV, install_excepthook
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:  # ours, in any position (anomalib's parser would refuse it): full tracebacks
+        argv.remove("--verbose")
+        os.environ[TRACEBACK_ENV] = "1"
+    install_excepthook()
     if argv and argv[0] in ANOMALIB_SUBCOMMANDS:
         _run_anomalib(argv)
         return

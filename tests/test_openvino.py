@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -394,3 +396,72 @@ def test_anomalib_export_cli_from_a_checkpoint(synthetic_root, tmp_path) -> None
     inferencer = BankInferencer(folder)
     scores = inferencer.predict(_paths(synthetic_root, "waves", "test"), inferencer.default_bank)["pred_score"]
     assert np.isfinite(scores).all()
+
+
+# ----------------------------------------------------------------- the input policy, OpenVINO side
+def test_openvino_paths_score_every_format_alike_and_check_arrays(exported, synthetic_root, tmp_path) -> None:
+    """BankInferencer (bank and predict-ov): 16-bit, gray, RGBA and palette copies give the 8-bit scores."""
+    from test_input_policy import FORMATS, save_as
+
+    from anomalib_cgad.deploy.inferencer import ImageInputError, read_image
+
+    _, _, _, folder = exported
+    inferencer = BankInferencer(folder)
+    refs, queries = _paths(synthetic_root, "waves", "train", 2), _paths(synthetic_root, "waves", "test")[:3]
+    banks, scores = {}, {}
+    for how in FORMATS:
+        ref_files = [save_as(p, tmp_path / how / "refs" / p.name, how) for p in refs]
+        query_files = [save_as(p, tmp_path / how / "queries" / p.name, how) for p in queries]
+        banks[how] = inferencer.compute_bank(ref_files)
+        scores[how] = inferencer.predict(query_files, banks[how])["pred_score"]
+    for how in FORMATS:
+        assert all(np.array_equal(a, b) for a, b in zip(banks[how].tensors, banks["rgb"].tensors, strict=True)), how
+        assert np.array_equal(scores[how], scores["rgb"]), how
+    floats = np.stack([read_image(p, None) for p in sorted((tmp_path / "rgb" / "queries").iterdir())])
+    as_uint8 = np.round(floats * 255).astype(np.uint8)
+    from_uint8 = inferencer.predict(as_uint8, banks["rgb"])["pred_score"]
+    assert np.allclose(from_uint8, inferencer.predict(as_uint8 / 255.0, banks["rgb"])["pred_score"], atol=1e-6)
+    assert np.allclose(from_uint8, scores["rgb"], atol=1e-6)
+    with pytest.raises(ImageInputError, match=r"^images hold values in \[\d+, \d+\], but float images must lie in"):
+        inferencer.predict(as_uint8.astype(np.float32), banks["rgb"])
+    with pytest.raises(ImageInputError, match=r"^images hold values .* divide 0\.\.255 images by 255"):
+        inferencer.compute_bank(as_uint8[:2].astype(np.float64))
+
+
+def test_predict_ov_writes_the_scores_it_has_when_it_stops_on_a_bad_image(exported, synthetic_root, tmp_path) -> None:
+    from test_input_policy import truncate
+
+    _, _, _, folder = exported
+    images = tmp_path / "line"
+    images.mkdir()
+    for path in _paths(synthetic_root, "waves", "test"):
+        shutil.copy(path, images / path.name)
+    truncate(images / "003.png")
+    out = tmp_path / "maps"
+    argv = ["predict-ov", "--model", str(folder), "--images", str(images), "--out", str(out), "--batch-size", "2"]
+    with pytest.raises(SystemExit) as error:
+        cli_main(argv)
+    assert re.fullmatch(
+        r"anomalib-cgad predict-ov: error: Could not read image '.*003\.png': image file is truncated \(the 3 "
+        r"image\(s\) scored before it are in .*predictions\.csv\)\. Fix or remove it, or pass --bad-images skip\.",
+        str(error.value.code),
+    )
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [Path(r["image"]).name for r in rows] == ["000.png", "001.png", "002.png"]
+    assert all(float(r["score"]) >= 0 for r in rows)
+    skipped = tmp_path / "maps_skip"
+    cli_main([*argv[:-4], "--out", str(skipped), "--bad-images", "skip"])
+    rows = list(csv.DictReader((skipped / "predictions.csv").open()))
+    assert [(Path(r["image"]).name, r["label"] == "unreadable") for r in rows][2:5] == [
+        ("002.png", False),
+        ("003.png", True),
+        ("004.png", False),
+    ]
+    assert len(rows) == 6
+    with pytest.raises(SystemExit, match=r"bank: error: Could not read image '.*003\.png'.*pass --bad-images skip"):
+        cli_main(
+            ["bank", "--images", str(images), "--model", str(folder), "--out", str(tmp_path / "b.npz"), "--k", "4"]
+        )
+    cli_main(["bank", "--images", str(images), "--model", str(folder), "--out", str(tmp_path / "b.npz"), "--k", "4",
+              "--bad-images", "skip"])  # fmt: skip
+    assert Bank.load(tmp_path / "b.npz").metadata["num_refs"] == 4

@@ -472,8 +472,36 @@ class ReferenceMixin:
         self._bank_key = None
 
     def on_predict_start(self) -> None:
-        """Forget the bank key so the first predict batch sets the references."""
+        """Forget the bank key so the first predict batch sets the references; version the output images."""
         self._bank_key = None
+        self._version_predict_images()
+
+    def on_predict_end(self) -> None:
+        """Give the visualizer back the folder it had before predicting."""
+        visualizer = getattr(self, "visualizer", None)
+        if hasattr(self, "_visualizer_dir") and visualizer is not None:
+            visualizer.output_dir = self._visualizer_dir
+            del self._visualizer_dir
+
+    def _version_predict_images(self) -> None:
+        """Send ``anomalib predict``'s images to a new ``<results>/.../predict/v<N>`` folder.
+
+        anomalib's visualizer writes predictions into ``<default_root_dir>/images`` (for ``anomalib predict``:
+        the ``latest`` training version), replacing a test run's or an earlier prediction's images of the same
+        names. Each predict run gets its own version folder instead, numbered like the demo's results; a
+        folder the user gave the visualizer (``output_dir``) is left alone.
+        """
+        from anomalib_cgad.demo import _next_version
+
+        visualizer = getattr(self, "visualizer", None)
+        if visualizer is None or self._trainer is None or not hasattr(visualizer, "output_dir"):
+            return
+        root = Path(self.trainer.default_root_dir)
+        if visualizer.output_dir is not None and Path(visualizer.output_dir) != root / "images":
+            return
+        self._visualizer_dir = visualizer.output_dir
+        visualizer.output_dir = _next_version(root / "predict")
+        logger.info("Prediction images go to %s", visualizer.output_dir)
 
     def _evaluate(self, batch, stage: str, dataloader_idx: int):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
