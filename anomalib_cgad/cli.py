@@ -225,7 +225,7 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
     failure: ImageInputError | None = None
     try:
         for start in range(0, len(paths), args.batch_size):
-            arrays, chunk = [], []
+            arrays, chunk, unreadable = [], [], {}
             for path in paths[start : start + args.batch_size]:
                 try:
                     arrays.append(read_image(path, inferencer.image_size))
@@ -234,21 +234,25 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
                     if mode == "stop":
                         failure = exc
                         break
+                    chunk.append(path)
+                    unreadable[path] = str(exc.__cause__ or exc)
+            result = inferencer.predict(np.stack(arrays), bank) if arrays else None
+            row = 0  # index into the batch of the readable images
+            for path in chunk:  # rows in the order of the images given
+                if path in unreadable:
                     rows.append({"image": str(path), "score": "", "label": "unreadable"})
-                    print(f"{'-':>8}  {'unreadable':<9}  {path}  ({exc.__cause__ or exc})")
-            if arrays:
-                images = np.stack(arrays)
-                result = inferencer.predict(images, bank)
-                for i, path in enumerate(chunk):
-                    score = float(result["pred_score"].reshape(-1)[i])
-                    label = "anomalous" if bool(result["pred_label"].reshape(-1)[i]) else "normal"
-                    rows.append({"image": str(path), "score": score, "label": label})
-                    print(f"{score:8.4f}  {label:<9}  {path}")
-                    if args.out is not None:
-                        name = f"{path.stem}_anomaly_map.png"
-                        name = name if name not in used else f"{path.stem}_{len(rows)}_anomaly_map.png"
-                        used.add(name)
-                        _save_overlay(args.out / name, images[i], result["anomaly_map"][i])
+                    print(f"{'-':>8}  {'unreadable':<9}  {path}  ({unreadable[path]})")
+                    continue
+                score = float(result["pred_score"].reshape(-1)[row])
+                label = "anomalous" if bool(result["pred_label"].reshape(-1)[row]) else "normal"
+                rows.append({"image": str(path), "score": score, "label": label})
+                print(f"{score:8.4f}  {label:<9}  {path}")
+                if args.out is not None:
+                    name = f"{path.stem}_anomaly_map.png"
+                    name = name if name not in used else f"{path.stem}_{len(rows)}_anomaly_map.png"
+                    used.add(name)
+                    _save_overlay(args.out / name, arrays[row], result["anomaly_map"][row])
+                row += 1
             if failure is not None:
                 break
     finally:  # the scores already computed are written even if a later image or the user stops the run
