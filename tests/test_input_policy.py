@@ -373,3 +373,22 @@ def test_truncated_or_empty_bank_file(how, tmp_path) -> None:
             r"anomalib-cgad\): [^\n]+$",
         ):
             Bank.load(path)
+
+
+def test_truncated_image_in_an_anomalib_datamodule(synthetic_root, tmp_path, monkeypatch) -> None:
+    """anomalib's own MVTecAD datamodule with a plugin model: the broken test image is named before testing."""
+    from anomalib.data import MVTecAD
+
+    root = _copy_root(synthetic_root, tmp_path)
+    truncate(_good(root, split="test")[4])
+
+    def datamodule() -> MVTecAD:
+        return MVTecAD(root=root, category="waves", eval_batch_size=4, num_workers=0)
+
+    with pytest.raises(ImageInputError, match=r"^MVTecAD test_data: 1 image file\(s\) cannot be read: '.*004\.png'"):
+        _engine(tmp_path / "a").test(model=_model(k_shot=2), datamodule=datamodule())
+    monkeypatch.setenv("ANOMALIB_CGAD_BAD_IMAGES", "skip")
+    with pytest.warns(UserWarning, match=r"MVTecAD test_data: skipping 1 unreadable image file\(s\): '.*004\.png'"):
+        predictions = _engine(tmp_path / "b").predict(model=_model(k_shot=2), datamodule=datamodule())
+    paths = [str(p) for b in predictions for p in b.image_path]
+    assert len(paths) == 11 and not any(p.endswith("good/004.png") for p in paths)

@@ -13,7 +13,12 @@
      class each and ``class_index(stage, path)`` names it; the bank switches when the class changes);
    - otherwise the first ``k_shot`` normal images of the datamodule's training set (plain anomalib usage:
      ``--data MVTecAD --data.category <unseen class>``, whose train split is that class's normal images);
-   - with no datamodule at all (``anomalib predict --data_path``), the bank stored in the checkpoint.
+   - with no datamodule at all (``anomalib predict --data <folder>``), the bank stored in the checkpoint,
+     except for a checkpoint of several training classes: its bank is one training class's, so scoring a
+     new product against it is refused unless ``few_shot_source="checkpoint"`` asks for it.
+
+Images read by anomalib's datasets pass through the plugin's input policy (:func:`reread_wide_images`),
+so 16-bit files score like their 8-bit copies everywhere; see ``README.md``, "Bad input".
 
 References are collected in ``on_*_start`` and the step hooks, never in ``setup()``: Lightning restores a
 checkpoint after ``setup()``, which would silently replace the new class's bank (anomalib.md §3.4).
@@ -418,28 +423,48 @@ class ReferenceMixin:
         )
 
     def setup(self, stage: str) -> None:
-        """Before ``anomalib predict`` reads a folder, name (or skip) its unreadable files; check the k-shots agree.
+        """Before anomalib's readers run, name (or skip) the unreadable image files; check the k-shots agree.
 
-        anomalib's ``PredictDataset`` reads each file when its batch is due and a truncated one ends the run
-        with ``OSError: image file is truncated`` and no file name. Here, before any batch is read, every file
-        is decoded once: with ``ANOMALIB_CGAD_BAD_IMAGES`` unset or ``stop`` the run stops with an error naming
-        them, with ``skip`` they are left out with a warning naming them. (The dataloaders given to
+        anomalib's datasets read each file when its batch is due, and a truncated one ends the run with
+        ``OSError: image file is truncated`` and no file name (in ``anomalib train``, after training, when
+        the test set is read). Here, before any batch is read, every file of the stage's datasets is decoded
+        once: ``anomalib predict``'s folder, and the splits of an anomalib datamodule (``CrossClass`` checks
+        its own at set-up). With ``ANOMALIB_CGAD_BAD_IMAGES`` unset or ``stop`` the run stops with an error
+        naming them, with ``skip`` they are left out with a warning naming them. (The dataloaders given to
         ``trainer.predict`` are only reachable through Lightning's ``predict_loop._data_source`` here; if that
         changes, the scan is skipped and the files are read as before.)
         """
         super().setup(stage)
-        if stage == "predict" and self._trainer is not None:
+        if self._trainer is not None:
+            self._scan_image_files(stage)
+        self._check_k_shot_agrees()
+
+    def _scan_image_files(self, stage: str) -> None:
+        mode = bad_images_mode()
+        if stage == "predict":
             source = getattr(getattr(self.trainer.predict_loop, "_data_source", None), "instance", None)
-            loaders = source if isinstance(source, list | tuple) else [source]
-            for loader in loaders:
+            for loader in source if isinstance(source, list | tuple) else [source]:
                 dataset = getattr(loader, "dataset", None)
                 files = getattr(dataset, "image_filenames", None)
                 if isinstance(files, list) and files:
-                    mode = bad_images_mode()
                     bad = unreadable_images(files)
                     check_unreadable(bad, "the images to predict", mode)
                     dataset.image_filenames = [f for f in files if str(f) not in bad]
-        self._check_k_shot_agrees()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or hasattr(datamodule, "bad_images"):
+            return
+        splits = {"fit": ("train_data", "val_data"), "validate": ("val_data",), "test": ("test_data",),
+                  "predict": ("predict_data", "test_data")}.get(stage, ())  # fmt: skip
+        for split in splits:
+            data = getattr(datamodule, split, None)
+            samples = getattr(data, "samples", None)
+            if samples is None or "image_path" not in samples or getattr(data, "_cgad_scanned", False):
+                continue
+            bad = unreadable_images(list(samples.image_path))
+            check_unreadable(bad, f"{datamodule.name} {split}", mode)
+            if bad:
+                data.samples = samples[~samples.image_path.astype(str).isin(bad)].reset_index(drop=True)
+            data._cgad_scanned = True  # each dataset is decoded once per process, not at every stage
 
     def _check_k_shot_agrees(self) -> None:
         """Use the datamodule's k_shot when the model was given none; refuse two different explicit values.
