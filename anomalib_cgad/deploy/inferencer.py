@@ -13,6 +13,10 @@ model with :class:`anomalib_cgad.deploy.BankExportMixin`):
 Onboarding a new product = :meth:`BankInferencer.compute_bank` on k normal images, :meth:`Bank.save`,
 then :meth:`BankInferencer.predict` with that bank. No re-export, no retraining.
 
+This file also holds the plugin's one input policy (:func:`read_image` for files, :func:`image_array` for
+arrays, :func:`bad_images_mode` for unreadable files), which the torch models and datamodules import, so
+every entry point converts an image the same way.
+
 The bank file (``.npz``: arrays ``bank_0 … bank_n`` + a JSON ``__metadata__`` string, read with
 ``allow_pickle=False``) is the same one the torch models read and write
 (:func:`anomalib_cgad.deploy.load_model_bank` / :func:`anomalib_cgad.deploy.save_model_bank`).
