@@ -102,7 +102,7 @@ def _official(dataset: str, categories: list[str]) -> bool:
 def _readable(data: AnomalibDataset, name: str, bad_images: str) -> AnomalibDataset:
     """Find the image files that cannot be read; stop naming them, or (``bad_images="skip"``) drop them.
 
-    Every file is decoded once here, at set-up (about 1 ms for a 300² PNG), so a truncated file is named
+    Every file is decoded once here, at set-up (one extra decode per file), so a truncated file is named
     before training starts rather than ending a test that runs after hours of training with an unnamed
     ``OSError``. 16-bit files are read by the one input policy (see
     :func:`anomalib_cgad.models.base.reread_wide_images`), like 8-bit ones.

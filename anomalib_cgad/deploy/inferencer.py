@@ -181,10 +181,13 @@ class Bank:
                 names = sorted((k for k in data.files if k.startswith("bank_")), key=lambda k: int(k.split("_")[1]))
                 tensors = [np.asarray(data[name], dtype=np.float32) for name in names]
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError: ValueError
-            reason = "the file is empty" if path.stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
-            msg = (
-                f"'{path}' is not a readable reference bank file (truncated or not written by anomalib-cgad): {reason}"
-            )
+            if path.stat().st_size == 0:
+                reason = "the file is empty"
+            elif "pickled" in str(exc):  # numpy's word for "neither .npy nor .npz"
+                reason = "it is not an .npz archive"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            msg = f"'{path}' is not a reference bank file written by anomalib-cgad (truncated or damaged?): {reason}"
             raise BankError(msg) from exc
         if metadata.get("format") != BANK_FORMAT or not tensors:
             msg = f"'{path}' is not an anomalib-cgad bank file (format {metadata.get('format')!r})."
