@@ -329,13 +329,24 @@ def read_image(path: str | Path, size: Sequence[int] | None) -> np.ndarray:
 
 
 def unreadable_images(paths: Sequence[str | Path]) -> dict[str, str]:
-    """``{path: reason}`` of the files among ``paths`` that :func:`read_image` cannot read (each is decoded)."""
+    """``{path: reason}`` of the files among ``paths`` that :func:`read_image` cannot read.
+
+    Each file is decoded (a truncated file only fails there), but only 16-bit, 32-bit and float files are
+    converted, to check their values. (``CrossClass`` ELPV mono -> poly set-up, 2-core CPU: 0.5 s without the
+    check, 5.7 s with it, 8.8 s when every file was converted too.)
+    """
     bad = {}
     for path in paths:
         try:
-            read_image(path, None)
+            with Image.open(path) as image:
+                image.load()
+                wide = image.mode in WIDE_MODES or image.mode == "F"
+            if wide:
+                read_image(path, None)
         except ImageInputError as exc:
             bad[str(path)] = str(exc.__cause__ or exc)
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            bad[str(path)] = str(exc)
     return bad
 
 
