@@ -1,0 +1,88 @@
+"""Two-process DDP training on CPU (gloo) with Lightning's own strategy gives the one-process model.
+
+``anomalib fit --trainer.devices 2 --trainer.strategy ddp`` (two processes, gloo on CPU) and the same command
+with one device, each a tiny CGAD (2 coupling blocks, 1 epoch, two generated source classes); both checkpoints
+are then tested in this process on the unseen class.
+
+Tolerance 1e-3 on every test metric: under DDP every process runs the same batches and episodes
+(:mod:`anomalib_cgad.distributed`), so DDP averages two identical gradients and the two runs can differ only by
+floating-point rounding in the all-reduce. On the unseen class's 6 normal + 6 defective test images, image AUROC
+moves in steps of 1/36 = 0.028 (one normal/defect pair swapping order), so any real difference in training
+exceeds the bound. The test also prints the largest weight difference between the two checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+
+from anomalib_cgad import CGAD
+from anomalib_cgad.data import CrossClass
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-3
+
+
+def _anomalib() -> str:
+    script = Path(sys.executable).with_name("anomalib")
+    return str(script) if script.exists() else shutil.which("anomalib")
+
+
+def _fit(root: Path, work: Path, devices: int) -> Path:
+    args = [
+        "fit", "--model", "CGAD", "--model.coupling_blocks", "2", "--model.synthetic_per_class", "2",
+        "--model.seed", "0", "--model.visualizer", "false",
+        "--data", "anomalib_cgad.data.CrossClass", "--data.source_root", str(root),
+        "--data.source_categories", "[stripes, dots]", "--data.target_categories", "[waves]",
+        "--data.k_shot", "2", "--data.train_batch_size", "8", "--data.eval_batch_size", "8",
+        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+        "--trainer.enable_progress_bar", "false", "--seed_everything", "0", "--default_root_dir", str(work),
+    ]  # fmt: skip
+    if devices > 1:
+        args += ["--trainer.strategy", "ddp"]
+    work.mkdir(parents=True)
+    # This checkout first on the path (the ranks Lightning starts inherit it), one thread per process.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.update(PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([_anomalib(), *args], cwd=work, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "💡 Tip" not in result.stdout + result.stderr  # quiet console (anomalib_cgad.console)
+    assert "module(s) in eval mode" not in result.stderr
+    checkpoints = sorted(work.rglob("*.ckpt"))
+    assert len(checkpoints) == 1, checkpoints
+    return checkpoints[0]
+
+
+def _test(checkpoint: Path, root: Path, work: Path) -> dict[str, float]:
+    datamodule = CrossClass(
+        source_dataset="MVTecAD", source_root=str(root), source_categories=["stripes", "dots"],
+        target_categories=["waves"], k_shot=2, train_batch_size=8, eval_batch_size=8,
+    )  # fmt: skip
+    model = CGAD.load_from_checkpoint(checkpoint, visualizer=False)
+    engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=work)
+    return {k: float(v) for k, v in engine.test(model=model, datamodule=datamodule)[0].items()}
+
+
+def test_two_process_ddp_trains_the_one_process_model(synthetic_root, tmp_path) -> None:
+    single = _fit(synthetic_root, tmp_path / "one", devices=1)
+    ddp = _fit(synthetic_root, tmp_path / "two", devices=2)
+
+    weights = {
+        name: (torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+        for name, path in (("one", single), ("two", ddp))
+    }
+    weight_gap = max(float((weights["one"][k] - weights["two"][k]).abs().max()) for k in weights["one"])
+    one, two = _test(single, synthetic_root, tmp_path), _test(ddp, synthetic_root, tmp_path)
+    print(f"\nmax |weight difference| {weight_gap:.2e}; one process {one}; two processes {two}")
+    assert one.keys() == two.keys() and "image_AUROC" in one
+    for key in one:
+        assert abs(one[key] - two[key]) <= TOLERANCE, (key, one[key], two[key])
