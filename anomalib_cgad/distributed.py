@@ -6,7 +6,7 @@ Two things stop a plain DDP run of ResAD, MetaAD and CGAD, and the models fix bo
    one per inner class of an episode, then the outer level; ResAD: codebook, constraintor, flow chunks), and each
    pass reaches only part of the parameters. DDP with ``find_unused_parameters=False`` (what ``ddp`` means) then
    stops with "parameters that were not used in producing the loss". :func:`prepare_ddp` (called from the models'
-   ``setup``, before Lightning wraps the module) switches it on for a DDP strategy with more than one process.
+   ``setup``, before Lightning wraps the module) switches it on for any DDP strategy.
 2. **Samplers.** Every evaluation batch of :class:`~anomalib_cgad.data.CrossClass` holds one class (the bank
    switches per class), through a batch sampler Lightning cannot shard (``TypeError: Lightning can't inject a
    (distributed) sampler``). The models' ``trainer_arguments`` therefore set ``use_distributed_sampler=False``.
@@ -36,7 +36,7 @@ def prepare_ddp(module) -> bool:
     """
     trainer = getattr(module, "_trainer", None)
     strategy = getattr(trainer, "strategy", None)
-    if not isinstance(strategy, DDPStrategy) or strategy.world_size < 2:
+    if not isinstance(strategy, DDPStrategy):  # also one process: DDP's reducer sees the same partial backward
         return False
     # Lightning keeps the DistributedDataParallel arguments in ``_ddp_kwargs`` until ``strategy.setup`` wraps the
     # module, which runs after the LightningModule's ``setup``; there is no public setter.
