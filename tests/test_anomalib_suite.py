@@ -124,7 +124,8 @@ class TestAPI:
             else OpenVINOInferencer(path, device="CPU", config=F32_CONFIG)
         )
         paths = _images(dataset_path)
-        scores = np.array([float(np.asarray(inferencer.predict(p).pred_score).reshape(-1)[0]) for p in paths])
+        with torch.no_grad():  # TorchInferencer leaves grad on, for built-in models too
+            scores = np.array([float(inferencer.predict(p).pred_score.reshape(-1)[0]) for p in paths])
         expected = _torch_scores(model_name, project_path, paths)
         difference = float(np.abs(scores - expected).max())
         print(f"\n{model_name} {export_type.value} {type(inferencer).__name__} vs torch: max |diff| {difference:.1e}")
