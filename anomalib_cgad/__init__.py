@@ -20,6 +20,7 @@ Example:
     >>> Engine(max_epochs=4).train(CGAD(), datamodule=datamodule)  # doctest: +SKIP
 """
 
+from anomalib_cgad.console import quiet_lightning_tips
 from anomalib_cgad.models import CGAD, MetaAD, ResAD
 from anomalib_cgad.registry import register
 
@@ -27,3 +28,4 @@ __version__ = "0.1.0"
 __all__ = ["CGAD", "MetaAD", "ResAD", "__version__"]
 
 register(ResAD, MetaAD, CGAD)
+quiet_lightning_tips()

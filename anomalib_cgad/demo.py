@@ -2,8 +2,11 @@
 
 With the ``elpv`` extra installed it trains on monocrystalline ELPV solar cells and tests on polycrystalline
 ones (real electroluminescence images, image-level labels); otherwise it generates a small MVTecAD-format
-dataset and holds one texture class out. Results (per-class metrics CSV, a markdown table, a bar chart and
-anomalib's visualizer images) go to a new versioned folder under ``--out``; nothing is overwritten.
+dataset and holds one texture class out. Results go to a new versioned folder under ``--out`` (nothing is
+overwritten): the per-class metrics CSV and markdown table, ``scores_and_roc.png`` (the unseen class's score
+histogram, normals vs defects, with the operating point the model labels with; its ROC beside the same-backbone
+patch-kNN from the same references), ``most_and_least_anomalous.png`` (one page of the extreme test images with
+their maps), a bar chart and anomalib's visualizer images.
 
 Example:
     $ anomalib-cgad demo                       # CGAD, ELPV mono -> poly, k = 4
@@ -145,6 +148,157 @@ def write_report(metrics: dict[str, float], categories: list[str], folder: Path,
         plot_class_bars(values, folder / "per_class_auroc.png", title)
 
 
+def collect_predictions(model, datamodule, batch_size: int = 16) -> dict:
+    """Score the unseen class's test images with the model and with the same-backbone patch-kNN baseline.
+
+    Both use the references the model holds for that class (``datamodule.reference_images("test", 0)``). The
+    patch-kNN scores come from the trained model's own backbone (:func:`~anomalib_cgad.components.patch_knn.
+    patch_knn_map`, image score = map maximum), so the comparison isolates what training added on top of it.
+
+    Returns:
+        dict: numpy arrays ``score``, ``pred_label``, ``gt_label``, ``knn_score``, ``anomaly_map``, ``image`` and
+        the list ``path``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from anomalib_cgad.components.patch_knn import patch_knn_map
+    from anomalib_cgad.components.reference_bank import flatten_patches
+
+    model.eval()
+    references = datamodule.reference_images("test", 0).to(model.device)
+    model.set_references(references)
+    loader = DataLoader(datamodule.test_data, batch_size=batch_size, collate_fn=datamodule.test_data.collate_fn)
+    backbone, normalise = model.model.backbone, model.pre_processor.transform
+    out: dict[str, list] = {k: [] for k in ("score", "pred_label", "gt_label", "knn_score", "anomaly_map", "image")}
+    out["path"] = []
+    with torch.no_grad():
+        reference_levels = [flatten_patches(level) for level in backbone(normalise(references))]
+        for batch in loader:
+            images = batch.image.to(model.device)
+            prediction = model(images)
+            knn = patch_knn_map(backbone(normalise(images)), reference_levels, images.shape[-2:])
+            out["score"].append(prediction.pred_score.reshape(-1).cpu())
+            out["pred_label"].append(prediction.pred_label.reshape(-1).cpu())
+            out["anomaly_map"].append(prediction.anomaly_map.reshape(len(images), *images.shape[-2:]).cpu())
+            out["knn_score"].append(knn.flatten(1).amax(1).cpu())
+            out["gt_label"].append(batch.gt_label.reshape(-1).cpu())
+            out["image"].append(images.cpu())
+            out["path"].extend(batch.image_path)
+    return {k: (v if k == "path" else torch.cat(v).float().numpy()) for k, v in out.items()}
+
+
+def operating_point(model, scores, pred_labels) -> float:
+    """The score above which the model labels an image anomalous, as its post-processor decides ``pred_label``.
+
+    anomalib's ``PostProcessor`` normalises scores so that ``pred_label = score > 1 - image_sensitivity``
+    (``normalized_image_threshold``), whatever threshold (F1-adaptive, per-class, ...) it was calibrated with.
+    The value is checked against the labels the model actually produced; if a post-processor decides
+    otherwise, the boundary between the highest normal-labelled and lowest anomalous-labelled score is used,
+    so the marked point is always the one the labels came from.
+    """
+    import numpy as np
+
+    threshold = getattr(model.post_processor, "normalized_image_threshold", None)
+    labels = pred_labels.astype(bool)
+    if threshold is not None:
+        threshold = float(threshold)
+        if np.array_equal(scores > threshold, labels):
+            return threshold
+    below, above = scores[~labels], scores[labels]
+    if len(below) and len(above):
+        return float((below.max() + above.min()) / 2)
+    return float(above.min()) if len(above) else float(below.max())
+
+
+def plot_scores_and_roc(predictions: dict, threshold: float, path: Path, title: str, model_name: str) -> dict:
+    """Left: score histogram of the unseen class (normals vs defects) with the operating point. Right: ROC of the
+    model beside the same-backbone patch-kNN from the same references.
+
+    Returns:
+        dict: ``{"image_AUROC": ..., "patch_kNN_image_AUROC": ..., "operating_point": ...}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    gt = torch.as_tensor(predictions["gt_label"]).long()
+    fig, (hist, roc) = plt.subplots(1, 2, figsize=(10, 4))
+    scores = predictions["score"]
+    bins = np.linspace(min(scores.min(), threshold), max(scores.max(), threshold), 30)
+    for label, name, colour in ((0, "normal", "tab:blue"), (1, "defect", "tab:red")):
+        hist.hist(scores[predictions["gt_label"] == label], bins=bins, alpha=0.6, color=colour,
+                  label=f"{name} ({int((predictions['gt_label'] == label).sum())})")  # fmt: skip
+    flagged = predictions["pred_label"].astype(bool)
+    hist.axvline(threshold, color="black", linestyle="--", label=f"operating point {threshold:.3f}")
+    hist.set_xlabel("image score (normalised by the post-processor)")
+    hist.set_ylabel("test images")
+    hist.set_title(f"{model_name}: {int(flagged.sum())} of {len(scores)} flagged as defective", fontsize=9)
+    hist.legend(fontsize=8)
+    numbers = {"operating_point": threshold}
+    for key, name, style in (("score", model_name, "-"), ("knn_score", "patch-kNN, same backbone", "--")):
+        values = torch.as_tensor(predictions[key], dtype=torch.float64)
+        # torchmetrics reads floats outside [0, 1] as logits and squashes them with a sigmoid (patch-kNN distances
+        # of ~45 all became 1.0, AUROC 0.5); min-max scaling keeps the order, which is all a ROC curve uses.
+        values = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-12)
+        fpr, tpr, _ = binary_roc(values, gt)
+        auroc = float(binary_auroc(values, gt))
+        roc.plot(fpr.numpy(), tpr.numpy(), style, label=f"{name}: AUROC {auroc:.3f}")
+        numbers["image_AUROC" if key == "score" else "patch_kNN_image_AUROC"] = auroc
+    # The operating point on the model's ROC curve: the rates its labels actually give.
+    positives, negatives = predictions["gt_label"] == 1, predictions["gt_label"] == 0
+    tpr_op = float(flagged[positives].mean()) if positives.any() else float("nan")
+    fpr_op = float(flagged[negatives].mean()) if negatives.any() else float("nan")
+    roc.plot([fpr_op], [tpr_op], "ko", label=f"operating point (FPR {fpr_op:.2f}, TPR {tpr_op:.2f})")
+    roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+    roc.set_xlabel("false positive rate")
+    roc.set_ylabel("true positive rate")
+    roc.set_title("ROC on the unseen class, same k references", fontsize=9)
+    roc.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return numbers
+
+
+def plot_extremes(predictions: dict, threshold: float, path: Path, title: str, count: int = 4) -> Path:
+    """One page: the ``count`` most and least anomalous test images (top and bottom rows), each with its map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    order = np.argsort(-predictions["score"])
+    count = min(count, len(order) // 2 or 1)
+    picks = [("most anomalous", order[:count]), ("least anomalous", order[::-1][:count])]
+    fig, axes = plt.subplots(4, count, figsize=(2.3 * count, 9.6), squeeze=False)
+    vmax = float(np.percentile(predictions["anomaly_map"], 99.5))
+    for block, (name, indices) in enumerate(picks):
+        for column, index in enumerate(indices):
+            image = predictions["image"][index].transpose(1, 2, 0)
+            truth = "defect" if predictions["gt_label"][index] else "normal"
+            called = "flagged" if predictions["score"][index] > threshold else "passed"
+            top, bottom = axes[2 * block, column], axes[2 * block + 1, column]
+            top.imshow(np.clip(image, 0, 1))
+            top.set_title(f"{name}\nscore {predictions['score'][index]:.3f}: {truth}, {called}", fontsize=7)
+            bottom.imshow(np.clip(image, 0, 1))
+            bottom.imshow(predictions["anomaly_map"][index], cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
+            bottom.set_title(Path(predictions["path"][index]).name, fontsize=6)
+    for axis in axes.flat:
+        axis.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, float]:
     """Train the chosen model on the source classes and test it on the unseen target classes."""
     from anomalib.engine import Engine
@@ -174,6 +328,17 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
         key: float(value) for key, value in results.items() if "/" in key or key.startswith(("image_", "pixel_"))
     }
     write_report(metrics, list(datamodule.test_categories), out, f"{args.model}, {title}, k={args.k_shot}")
+    predictions = collect_predictions(model, datamodule)
+    threshold = operating_point(model, predictions["score"], predictions["pred_label"])
+    heading = f"{args.model}, {title}, k={args.k_shot}"
+    numbers = plot_scores_and_roc(predictions, threshold, out / "scores_and_roc.png", heading, args.model)
+    plot_extremes(predictions, threshold, out / "most_and_least_anomalous.png", heading)
+    with (out / "metrics.md").open("a") as handle:
+        handle.write(
+            f"\nUnseen class, from the model's own predictions: image AUROC {numbers['image_AUROC']:.3f}; "
+            f"patch-kNN with the same backbone and references {numbers['patch_kNN_image_AUROC']:.3f}; "
+            f"operating point {threshold:.3f} (normalised score).\n"
+        )
     print((out / "metrics.md").read_text())
     print(f"train + test took {elapsed:.0f} s; per-class CSV, table and plot in {out}")
     return metrics

@@ -82,6 +82,8 @@ class PerClassEvaluator(Evaluator):
         for key in [k for k in self._per_class if k.startswith(prefix)]:
             name = key[len(prefix) :]
             for metric in self._per_class[key]:
+                if metric.update_count == 0:  # strict=False metric that never got its fields (no masks, e.g.
+                    continue  # ELPV): computing it would only make torchmetrics warn "compute before update"
                 try:
                     value = metric.compute()
                 except Exception:

@@ -5,6 +5,9 @@ Example:
     $ python -m benchmarks run --preset elpv --models CGAD PatchKNN --k-shot 1 4 --seeds 0
     $ python -m benchmarks run --protocol my_protocol.yaml --out results/benchmarks
     $ python -m benchmarks list
+    $ python -m benchmarks tasks --preset mvtec_to_visa          # the grid's (direction, model) tasks
+    $ python -m benchmarks run --preset mvtec_to_visa --task 3 --out grid   # one task (a job-array element)
+    $ python -m benchmarks merge grid/mvtec_to_visa                # merge the finished tasks (also automatic)
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target-root", help="folder of the target dataset (presets on downloaded data)")
     run.add_argument("--quick", action="store_true", help="apply the preset's quick section (short CPU run)")
     run.add_argument("--out", default="results/benchmarks", help="results root; each run gets a new v<N> folder")
+    run.add_argument(
+        "--task", help="run only task I of the grid (an index, or 'env' for $SLURM_ARRAY_TASK_ID / $TASK_ID)"
+    )
     commands.add_parser("list", help="list the presets")
+    listing = commands.add_parser("tasks", help="list the (direction, model) tasks of a preset's grid")
+    listing.add_argument("--preset", required=True)
+    listing.add_argument("--models", nargs="+", help="override the models")
+    merging = commands.add_parser("merge", help="merge the finished tasks of a grid run (<out>/<preset>)")
+    merging.add_argument("grid", help="the grid folder, <out>/<preset>")
     return parser
 
 
@@ -45,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         for path in sorted(PRESETS.glob("*.yaml")):
             print(path.stem)
+        return 0
+    from benchmarks import grid
+
+    if args.command == "merge":
+        try:
+            grid.merge(args.grid)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "tasks":
+        config = load_config(preset=args.preset)
+        if args.models:
+            config["models"] = args.models
+        for index, task in enumerate(grid.tasks(config)):
+            print(index, task["name"])
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -65,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.target_root:
                 direction["target_root"] = args.target_root
         validate_config(config)
+        index = None if args.task is None else grid.task_index(args.task, len(grid.tasks(config)))
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_benchmark(config, args.out)
+    if index is None:
+        run_benchmark(config, args.out)
+    else:
+        grid.run_task(config, index, args.out)
     return 0
 
 

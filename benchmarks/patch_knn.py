@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from anomalib import LearningType
 from anomalib.data import InferenceBatch
 from anomalib.models.components import AnomalibModule, GaussianBlur2d
@@ -37,7 +36,8 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_cgad.components.backbone import FeatureExtractor
-from anomalib_cgad.components.reference_bank import ReferenceBank, flatten_patches, nearest_reference
+from anomalib_cgad.components.patch_knn import patch_knn_map
+from anomalib_cgad.components.reference_bank import ReferenceBank
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 
 
@@ -85,14 +85,7 @@ class PatchKNNModel(nn.Module):
         if not self.bank.is_set:
             msg = "PatchKNN has no references: set them with set_reference(images) first."
             raise RuntimeError(msg)
-        maps = []
-        for feature, refs in zip(self.backbone(images), self.bank.tensors(), strict=True):
-            batch, _, height, width = feature.shape
-            queries = flatten_patches(feature)
-            distance = (queries - nearest_reference(queries, refs.to(queries.dtype))).norm(dim=-1)
-            level_map = distance.reshape(batch, 1, height, width)
-            maps.append(F.interpolate(level_map, size=images.shape[-2:], mode="bilinear", align_corners=False))
-        anomaly_map = self.blur(torch.stack(maps).mean(0))
+        anomaly_map = self.blur(patch_knn_map(self.backbone(images), self.bank.tensors(), images.shape[-2:]))
         return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
 
 

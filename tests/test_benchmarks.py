@@ -273,3 +273,26 @@ def test_deploy_speed_writes_latency_and_arithmetic_tables(tmp_path) -> None:
     assert all(float(r["ms_per_image"]) > 0 for r in rows.values())
     markdown = (folder / "results.md").read_text()
     assert "| CGAD | flow |" in markdown and "| CGAD | other |" in markdown
+
+
+@pytest.mark.slow
+def test_grid_tasks_run_apart_and_the_last_one_merges(synthetic_root, tmp_path, monkeypatch) -> None:
+    """Each (direction, model) task runs alone (as a job-array element would); the last to finish merges."""
+    from benchmarks import grid
+    from benchmarks.__main__ import main
+
+    config = {**_config(synthetic_root), "models": ["PatchKNN", "Patchcore"], "k_shot": [1]}
+    assert [t["name"] for t in grid.tasks(config)] == ["textures_to_waves__PatchKNN", "textures_to_waves__Patchcore"]
+    grid.run_task(config, 1, tmp_path)
+    root = tmp_path / "tiny"
+    assert not (root / "merged").exists()  # one task is still missing
+    assert grid.missing_tasks(config, root) == ["textures_to_waves__PatchKNN"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    grid.run_task(config, grid.task_index("env", 2), tmp_path)
+    merged = pd.read_csv(root / "merged" / "v0" / "results.csv")
+    assert set(merged[merged.status == "ok"].model) == {"PatchKNN", "Patchcore"}
+    assert "| PatchKNN |" in (root / "merged" / "v0" / "summary.md").read_text()
+    assert main(["merge", str(root)]) == 0  # by hand: a new merged version, the same rows
+    assert pd.read_csv(root / "merged" / "v1" / "results.csv").equals(merged)
+    with pytest.raises(ValueError, match=r"--task must be an index in 0\.\.1"):
+        grid.task_index("2", 2)

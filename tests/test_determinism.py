@@ -85,3 +85,6 @@ def test_demo_gives_the_same_numbers_twice(tmp_path) -> None:
     first, second = args.func(args), args.func(args)
     assert first and first == second
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v0", "v1"]  # two result folders, nothing overwritten
+    for name in ("scores_and_roc.png", "most_and_least_anomalous.png", "metrics.md"):  # the demo's three plots
+        assert (tmp_path / "v0" / name).stat().st_size > 0, name
+    assert "patch-kNN with the same backbone and references" in (tmp_path / "v0" / "metrics.md").read_text()

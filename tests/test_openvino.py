@@ -315,14 +315,6 @@ def test_cli_refuses_to_overwrite_and_names_bad_input(exported, synthetic_root, 
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
 
-def test_export_refuses_to_overwrite(exported) -> None:
-    model, _, xml, folder = exported
-    before = xml.stat().st_mtime_ns
-    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
-        model.to_openvino(folder.parent.parent)
-    assert xml.stat().st_mtime_ns == before
-
-
 def test_bank_from_other_weights_or_shapes_is_rejected(exported, tmp_path) -> None:
     model, _, _, folder = exported
     inferencer = BankInferencer(folder)

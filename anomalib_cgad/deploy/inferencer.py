@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from collections.abc import Sequence
@@ -54,6 +55,41 @@ F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Metadata keys a bank must share with the model that uses it.
 COMPATIBILITY_KEYS = ("format", "model", "fingerprint", "backbone", "layers", "channels", "image_size")
+# bank_metadata.json key naming anomalib's IR written in the same export (file name + digest of .xml and .bin).
+IR_KEY = "anomalib_ir"
+
+
+def ir_digest(xml: str | Path) -> str:
+    """sha256 of an OpenVINO IR's ``.xml`` and ``.bin``: which ``model.xml`` the bank graphs were exported with."""
+    xml = Path(xml)
+    digest = hashlib.sha256()
+    for path in (xml, xml.with_suffix(".bin")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_ir_belongs(folder: Path, metadata: dict) -> None:
+    """Refuse bank graphs whose ``model.xml`` neighbour was replaced by another export (a mixed folder).
+
+    anomalib's own models overwrite ``model.xml`` / ``model.bin`` and leave other files alone, so exporting a
+    built-in model into the root of ours would otherwise leave bank graphs that look valid beside a foreign IR.
+
+    Raises:
+        BankError: ``model.xml`` is there but is not the one exported with these bank graphs.
+    """
+    record = metadata.get(IR_KEY)
+    if not record:
+        return  # bank graphs exported on their own (export_swappable_bank): no anomalib IR to match
+    xml = folder / record["file"]
+    if xml.is_file() and ir_digest(xml) != record["sha256"]:
+        msg = (
+            f"'{folder}' mixes two exports: {record['file']} was replaced after the bank graphs were written "
+            "(another model exported into the same root?); re-export this model or use its own export root."
+        )
+        raise BankError(msg)
 
 
 def check_coreset_fraction(fraction: float) -> None:
@@ -455,6 +491,7 @@ class BankInferencer:
 
     Raises:
         FileNotFoundError: the folder holds no swappable-bank export.
+        BankError: the folder's ``model.xml`` is not the one exported with its bank graphs (a mixed folder).
     """
 
     def __init__(self, path: str | Path, device: str = "CPU", config: dict | None = None) -> None:
@@ -474,6 +511,7 @@ class BankInferencer:
             raise FileNotFoundError(msg)
         self.folder = folder
         self.metadata: dict = json.loads((folder / METADATA).read_text())
+        check_ir_belongs(folder, self.metadata)
         core = ov.Core()
         config = dict(F32_CONFIG if config is None else config)
         self.model = core.compile_model(folder / f"{BANK_MODEL}.xml", device, config)

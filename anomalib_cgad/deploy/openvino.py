@@ -43,14 +43,21 @@ from anomalib_cgad.deploy.inferencer import (
     BANK_FILE,
     BANK_FORMAT,
     BANK_MODEL,
+    IR_KEY,
     METADATA,
     Bank,
     BankError,
+    ir_digest,
 )
 
 logger = logging.getLogger(__name__)
 
 OPSET = 18
+# An ONNX file that only feeds ov.convert_model skips onnxscript's optimiser: OpenVINO folds and fuses the graph
+# itself, and the optimiser's pattern matching was 35-50 % of each bank graph's export time (bank_model 27 s ->
+# 20 s, bank_encoder 16 s -> 8 s, ResAD, benchmarks/results/export_time). ``verbose=False`` drops the exporter's
+# eight progress lines per graph.
+ONNX_FOR_OPENVINO = {"optimize": False, "verbose": False}
 
 
 class _BankModel(nn.Module):
@@ -202,8 +209,40 @@ def _convert(
             input_names=input_names,
             output_names=output_names,
             dynamic_shapes=dynamic_shapes,
+            **ONNX_FOR_OPENVINO,
         )
         ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=compress_to_fp16)
+
+
+def single_input_ir(bank_model_xml: str | Path, bank: Bank):
+    """anomalib's single-input IR (``model.xml``), made from ``bank_model.xml`` by freezing the bank inputs.
+
+    anomalib's exporter would trace the Lightning module a third time (pre-processor, model with the bank as
+    constants, post-processor: the same graph as ``bank_model`` with the bank bound). Binding the bank tensors
+    to the bank graph's inputs as OpenVINO constants gives that graph in 0.1 s instead of one more
+    trace + ONNX + conversion (the largest share of the export time, ``benchmarks/results/export_time``).
+    Input ``input`` (anomalib's name, ``(B, 3, H, W)`` in [0, 1]); outputs named as anomalib names them.
+
+    Returns:
+        openvino.Model: the single-input model, not yet saved.
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    model = ov.Core().read_model(str(bank_model_xml))
+    image, *bank_inputs = model.get_parameters()
+    if len(bank_inputs) != len(bank.tensors):
+        msg = f"{bank_model_xml} takes {len(bank_inputs)} bank tensors; the bank has {len(bank.tensors)}."
+        raise BankError(msg)
+    for parameter, tensor in zip(bank_inputs, bank.tensors, strict=True):
+        constant = ops.constant(np.ascontiguousarray(tensor, dtype=np.float32))
+        for target in list(parameter.output(0).get_target_inputs()):
+            target.replace_source_output(constant.output(0))
+        model.remove_parameter(parameter)
+    model.validate_nodes_and_infer_types()
+    image.output(0).get_tensor().set_names({"input"})
+    image.set_friendly_name("input")
+    return model
 
 
 def swappable_targets(export_root: str | Path) -> list[Path]:
@@ -224,6 +263,8 @@ def export_swappable_bank(
     export_root: str | Path,
     input_size: tuple[int, int] | None = None,
     compress_to_fp16: bool = False,
+    ir: str | Path | None = None,
+    anomalib_ir: str | None = None,
 ) -> Path:
     """Export ``bank_encoder`` and ``bank_model`` IRs plus the module's current bank.
 
@@ -234,6 +275,12 @@ def export_swappable_bank(
         input_size (tuple[int, int] | None): fixed ``(H, W)`` of the graphs' inputs, or ``None`` for dynamic
             sizes. Defaults to ``None``.
         compress_to_fp16 (bool): store the weights as FP16 (``--compression_type FP16``). Defaults to ``False``.
+        ir (str | Path | None): anomalib's ``model.xml`` written in the same folder by the same export; its
+            digest goes into the metadata so :class:`BankInferencer` refuses these bank graphs once another
+            export replaced it. Defaults to ``None`` (bank graphs on their own).
+        anomalib_ir (str | None): also write anomalib's single-input IR under this name (``"model"`` →
+            ``model.xml``), derived from ``bank_model`` (:func:`single_input_ir`), and record it as ``ir``.
+            Defaults to ``None``.
 
     Returns:
         Path: the folder holding ``bank_model.xml``, ``bank_encoder.xml``, ``bank.npz`` and metadata.
@@ -288,6 +335,13 @@ def export_swappable_bank(
         "output_names": output_names,
         "input_size": list(input_size) if input_size else None,
     }
+    if anomalib_ir is not None:
+        import openvino as ov
+
+        ir = folder / f"{anomalib_ir}.xml"
+        ov.save_model(single_input_ir(targets[0], bank), ir, compress_to_fp16=compress_to_fp16)
+    if ir is not None:
+        metadata[IR_KEY] = {"file": Path(ir).name, "sha256": ir_digest(ir)}
     targets[5].write_text(json.dumps(metadata, indent=2))
     module.train(was_training)
     logger.info("Exported swappable-bank graphs to %s", folder)

@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_cgad.components.training_pool import TrainingPool
+from anomalib_cgad.console import quiet_frozen_backbone_warning
 from anomalib_cgad.deploy.inferencer import (
     WIDE_MODES,
     ImageInputError,
@@ -51,6 +52,7 @@ from anomalib_cgad.deploy.inferencer import (
     read_image,
     unreadable_images,
 )
+from anomalib_cgad.distributed import prepare_ddp
 from anomalib_cgad.safe_load import load_weights_only
 
 logger = logging.getLogger(__name__)
@@ -248,8 +250,12 @@ class ReferenceMixin:
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No ``max_epochs``: users choose the training length. Sanity validation is skipped."""
-        return {"num_sanity_val_steps": 0}
+        """No ``max_epochs``: users choose the training length. Sanity validation is skipped.
+
+        ``use_distributed_sampler=False``: under DDP every process runs all batches (see
+        :mod:`anomalib_cgad.distributed`); with one device it changes nothing.
+        """
+        return {"num_sanity_val_steps": 0, "use_distributed_sampler": False}
 
     def on_fit_start(self) -> None:
         """Without ``max_epochs`` and ``max_steps``, train for the model's ``demo_epochs``, not for 1000 epochs.
@@ -259,6 +265,7 @@ class ReferenceMixin:
         read as "not set": ``anomalib train --model CGAD --data ...`` with no trainer flag then trains CGAD for
         4 epochs (ResAD 6, MetaAD 4), with a warning naming the flag to change it.
         """
+        quiet_frozen_backbone_warning()  # the frozen backbone is in eval mode by design (anomalib_cgad.console)
         trainer = self.trainer
         if trainer.fit_loop.max_epochs == LIGHTNING_DEFAULT_EPOCHS and trainer.max_steps == -1:
             epochs = int(getattr(self, "demo_epochs", 1))
@@ -423,7 +430,8 @@ class ReferenceMixin:
         )
 
     def setup(self, stage: str) -> None:
-        """Before anomalib's readers run, name (or skip) the unreadable image files; check the k-shots agree.
+        """Before anomalib's readers run, name (or skip) the unreadable image files; check the k-shots agree;
+        prepare the model for a multi-process DDP strategy (:func:`anomalib_cgad.distributed.prepare_ddp`).
 
         anomalib's datasets read each file when its batch is due, and a truncated one ends the run with
         ``OSError: image file is truncated`` and no file name (in ``anomalib train``, after training, when
@@ -435,6 +443,7 @@ class ReferenceMixin:
         changes, the scan is skipped and the files are read as before.)
         """
         super().setup(stage)
+        prepare_ddp(self)  # a multi-process DDP strategy can wrap the model (see anomalib_cgad.distributed)
         if self._trainer is not None:
             self._scan_image_files(stage)
         self._check_k_shot_agrees()
