@@ -7,7 +7,8 @@ share each); this merges their run folders and writes, into a new folder:
 2. ``summary.md``: every metric, variant × k, per direction (the runner's own tables);
 3. ``table.md``: one row per (backbone, image size): image AUROC per direction and their mean, the clear-defect
    AUROC, test milliseconds per image and peak resident memory (both from the runner's ``speed.csv``: the
-   whole test pass, data loading and nearest-reference search included, on whatever machine load there was).
+   whole test pass, data loading and nearest-reference search included, on whatever machine load there was)
+   and the backbone's arithmetic per image (``torch.utils.flop_counter``, which no machine load changes).
 
 Example:
     $ python -m benchmarks.backbone_table runs/a/elpv_backbones/v0 runs/b/elpv_backbones/v0 \\
@@ -22,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from benchmarks.deploy_speed import flops_per_image
 from benchmarks.report import _fmt, class_mean_frame, summary_tables
 
 OUTPUTS = ("results.csv", "speed.csv", "summary.md", "table.md")
@@ -38,13 +40,23 @@ def variant_settings(folders: list[Path]) -> dict[str, tuple[str, int]]:
     return settings
 
 
+def backbone_gflop(backbone: str, size: int) -> float:
+    """GFLOP of one ``size``² image through the models' default stages of ``backbone`` (weights do not matter)."""
+    import torch
+
+    from anomalib_cgad.components.backbone import FeatureExtractor
+
+    extractor = FeatureExtractor(backbone, weights=None)
+    return flops_per_image(extractor, torch.rand(1, 3, size, size))[0] / 1e9
+
+
 def backbone_table(results: pd.DataFrame, speed: pd.DataFrame, settings: dict[str, tuple[str, int]]) -> str:
     """Markdown table: (backbone, size) rows; AUROC mean ± std over seeds per direction; speed and memory."""
     per_pass = class_mean_frame(results[results.status == "ok"])
     directions = list(dict.fromkeys(results.direction))
     header = ["backbone", "px"]
     header += [f"AUROC {d}" for d in directions] + ["AUROC mean"]
-    header += [f"clear {d}" for d in directions] + ["test ms / image", "peak RSS MB"]
+    header += [f"clear {d}" for d in directions] + ["test ms / image", "peak RSS MB", "backbone GFLOP / image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in sorted(settings, key=lambda name: settings[name]):
         rows = per_pass[per_pass.model == model]
@@ -59,7 +71,8 @@ def backbone_table(results: pd.DataFrame, speed: pd.DataFrame, settings: dict[st
         ms = f"{1000 * seconds / images:.0f}" if images else "–"
         rss = f"{timing.peak_rss_mb.max():.0f}" if not timing.empty else "–"
         mean = f"{sum(means) / len(means):.3f}" if all(pd.notna(means)) else "–"
-        lines.append("| " + " | ".join([backbone, str(size), *auroc, mean, *clear, ms, rss]) + " |")
+        gflop = f"{backbone_gflop(backbone, size):.2f}"
+        lines.append("| " + " | ".join([backbone, str(size), *auroc, mean, *clear, ms, rss, gflop]) + " |")
     return "\n".join(lines) + "\n"
 
 
