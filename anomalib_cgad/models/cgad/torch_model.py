@@ -71,7 +71,8 @@ class CGADModel(ResADModel):
 
     Args:
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
+        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
+            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
         matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"``.
         residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
@@ -93,7 +94,7 @@ class CGADModel(ResADModel):
     def __init__(
         self,
         backbone: str = OFFLINE_BACKBONE,
-        layers: Sequence[int] = (2, 3),
+        layers: Sequence[int] | None = None,
         backbone_weights: str | None = PRETRAINED,
         matching: str = "cosine",
         residual: str = "sq_diff",

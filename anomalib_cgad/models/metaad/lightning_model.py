@@ -42,7 +42,8 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
 
     Args:
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int]): two backbone stages. Defaults to ``(2, 3)``.
+        layers (Sequence[int] | None): two backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
+            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
         k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
@@ -81,7 +82,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] = (2, 3),
+        layers: Sequence[int] | None = None,
         backbone_weights: str | None = "pretrained",
         k_shot: int | None = None,
         k_choices: Sequence[int] = (1, 2, 4, 8),

@@ -66,7 +66,8 @@ class MetaADModel(nn.Module):
 
     Args:
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int]): two backbone stages. Defaults to ``(2, 3)``.
+        layers (Sequence[int] | None): two backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
+            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
         input_mode (str): ``"residual"`` or ``"raw"``. Defaults to ``"residual"``.
         in_channels (int): projected channels ``C_in``. Defaults to ``128``.
@@ -82,7 +83,7 @@ class MetaADModel(nn.Module):
     def __init__(
         self,
         backbone: str = OFFLINE_BACKBONE,
-        layers: Sequence[int] = (2, 3),
+        layers: Sequence[int] | None = None,
         backbone_weights: str | None = PRETRAINED,
         input_mode: str = "residual",
         in_channels: int = 128,

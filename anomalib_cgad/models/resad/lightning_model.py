@@ -80,7 +80,8 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             residual, pseudo-Huber OCC, NLL + BG-SPP hinge, likelihood score, no distribution matching).
             Defaults to ``"official"``.
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)``.
+        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
+            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
         k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
@@ -130,7 +131,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         self,
         preset: str = "official",
         backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] = (2, 3),
+        layers: Sequence[int] | None = None,
         backbone_weights: str | None = "pretrained",
         k_shot: int | None = None,
         train_k_shot: int = 4,

@@ -48,7 +48,8 @@ class ResADModel(nn.Module):
 
     Args:
         backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"`` (offline ImageNet weights).
-        layers (Sequence[int]): backbone stages. Defaults to ``(2, 3)`` (strides 8 and 16).
+        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
+            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path, or ``None`` (random).
         matching (str): nearest-neighbour metric, ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"``.
         residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
@@ -78,7 +79,7 @@ class ResADModel(nn.Module):
     def __init__(
         self,
         backbone: str = OFFLINE_BACKBONE,
-        layers: Sequence[int] = (2, 3),
+        layers: Sequence[int] | None = None,
         backbone_weights: str | None = PRETRAINED,
         matching: str = "cosine",
         residual: str = "sq_diff",
