@@ -95,7 +95,7 @@ def _add_bank_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _bank_command(args: argparse.Namespace) -> None:
     """``anomalib-cgad bank``: k images → ``.npz`` bank, with the exported encoder."""
-    from anomalib_cgad.deploy.inferencer import list_images
+    from anomalib_cgad.deploy.inferencer import BankError, list_images
 
     if args.out.suffix != ".npz":
         _fail("bank", f"--out must be a .npz file, got '{args.out}'.")
@@ -118,6 +118,13 @@ def _bank_command(args: argparse.Namespace) -> None:
     bank.save(args.out, overwrite=args.overwrite)
     shapes = ", ".join(str(tuple(t.shape)) for t in bank.tensors)
     print(f"Wrote the bank of {k} image(s) ({bank.metadata['model']}, tensors {shapes}) to {args.out}")
+    location, scale = (float(v) for v in bank.reference_stats)
+    print(f"Normal-only operating point from the {k} image(s): location {location:.4f}, scale {scale:.4f}", end="")
+    try:
+        rate = inferencer.false_alarm_rate
+        print(f"; threshold {inferencer.threshold(bank):.4f} for a requested false-alarm rate of {rate:g}")
+    except BankError as exc:
+        print(f"; no threshold: {exc}")
 
 
 def _add_predict_ov_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +133,10 @@ def _add_predict_ov_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", type=Path, default=None, help="bank file (.npz); default: the bank of the export")
     parser.add_argument("--out", type=Path, default=None, help="folder for anomaly-map overlays and predictions.csv")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder")
+    parser.add_argument(
+        "--false-alarm-rate", type=float, default=None,
+        help="requested share of normal images labelled anomalous (default: the export's, 0.05 unless set)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default: 8)")
     parser.set_defaults(func=_predict_ov_command)
 
@@ -172,7 +183,10 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
             images = as_batch(chunk, inferencer.image_size)
         except ValueError as exc:
             _fail("predict-ov", str(exc))
-        result = inferencer.predict(images, bank)
+        try:
+            result = inferencer.predict(images, bank, false_alarm_rate=args.false_alarm_rate)
+        except (BankError, ValueError) as exc:
+            _fail("predict-ov", str(exc))
         for i, path in enumerate(chunk):
             score = float(result["pred_score"].reshape(-1)[i])
             label = "anomalous" if bool(result["pred_label"].reshape(-1)[i]) else "normal"

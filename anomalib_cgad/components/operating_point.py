@@ -191,16 +191,19 @@ class OperatingPointPostProcessor(PostProcessor):
             self._pixel_min_max_metric.update(outputs)
 
 
-def collect_normals(batches, category_of: Callable[[str], str], limit: int = CALIBRATION_NORMALS) -> dict:
-    """Up to ``limit`` normal (label 0) un-normalised images per class from training batches."""
-    found: dict[str, list[torch.Tensor]] = {}
-    for batch in batches:
-        labels = batch.gt_label.reshape(-1).tolist() if batch.gt_label is not None else [0] * len(batch.image)
-        for image, label, path in zip(batch.image, labels, batch.image_path, strict=True):
-            images = found.setdefault(category_of(str(path)), [])
-            if int(label) == 0 and len(images) < limit:
-                images.append(image.detach().cpu())
-    return {name: torch.stack(images) for name, images in found.items() if images}
+def collect_normals(dataset, category_of: Callable[[str], str], limit: int = CALIBRATION_NORMALS) -> dict:
+    """The first ``limit`` normal (label 0) un-normalised images of each class of an anomalib dataset.
+
+    In the dataset's order, not a shuffled loader's, so a calibration is repeatable; only those images are read.
+    """
+    samples = dataset.samples
+    labels = samples.label_index.tolist() if "label_index" in samples else [0] * len(samples)
+    chosen: dict[str, list[int]] = {}
+    for index, (path, label) in enumerate(zip(samples.image_path.astype(str), labels, strict=True)):
+        rows = chosen.setdefault(category_of(path), [])
+        if int(label) == 0 and len(rows) < limit:
+            rows.append(index)
+    return {name: torch.stack([dataset[i].image for i in rows]) for name, rows in chosen.items() if rows}
 
 
 __all__ = [

@@ -223,14 +223,14 @@ class ReferenceMixin:
         checkpoint from before the operating point) or for another ``k``.
 
         Args:
-            datamodule: a datamodule with ``train_dataloader()`` (default: the trainer's).
+            datamodule: a set-up datamodule with ``train_data`` (default: the trainer's).
             k (int | None): references per episode. Defaults to ``k_shot``.
             seed (int): seed of the reference draws. Defaults to ``0``.
         """
         datamodule = datamodule if datamodule is not None else self.trainer.datamodule
         k = int(k or self.k_shot)
         resolver = self._category_resolver(datamodule)
-        normals = collect_normals(datamodule.train_dataloader(), resolver)
+        normals = collect_normals(datamodule.train_data, resolver)
         device = self.device
         normals = {name: images.to(device) for name, images in normals.items()}
         was_training = self.model.training
