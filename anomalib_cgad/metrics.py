@@ -26,7 +26,7 @@ from torchmetrics.classification import BinarySpecificity
 
 
 class FalseAlarmRate(AnomalibMetric, BinarySpecificity):
-    """Share of normal images labelled anomalous, ``1 − specificity`` (anomalib metric; logged ``image_FalseAlarmRate``).
+    """Share of normal images labelled anomalous, ``1 − specificity`` (logged as ``image_FalseAlarmRate``).
 
     With the models' normal-only operating point it is the rate the user requested (``false_alarm_rate``),
     achieved on the tested class.

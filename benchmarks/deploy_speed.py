@@ -215,9 +215,8 @@ def _timed_run(args: argparse.Namespace) -> tuple[list[dict], Path]:
                 ("backbone", "OpenVINO", "f32", lambda x=normalised_array: ov_backbone(x)),
             ]
             for (name, precision), (inferencer, bank) in inferencers.items():
-                variants.append(
-                    (name, "OpenVINO", precision, lambda x=array, i=inferencer, b=bank: i.model([x, *b.tensors, _operating_point(i, b)]))
-                )
+                run = lambda x=array, i=inferencer, b=bank: i.model([x, *b.tensors, _operating_point(i, b)])  # noqa: E731
+                variants.append((name, "OpenVINO", precision, run))
             with torch.no_grad():
                 medians = timed_rounds([function for *_, function in variants], args.warmup, args.iterations)
             for (component, runtime, precision, _), seconds in zip(variants, medians, strict=True):

@@ -232,8 +232,7 @@ def operating_point_table(frame, models: list[str]) -> str:
     part = per_pass[per_pass.k_shot == k]
     rates = " | ".join(f"FAR at {r:g}" for r in REQUESTED_RATES)
     lines = [
-        f"## Normal-only operating point (k = {k}; mean ± std over directions × reference seeds)
-",
+        f"## Normal-only operating point (k = {k}; mean ± std over directions × reference seeds)\n",
         f"| model | F1 normal-only | F1 oracle | oracle − normal-only | worst draw | miss rate | {rates} |",
         "|---|---|---|---|---|---|" + "---|" * len(REQUESTED_RATES),
     ]
@@ -276,7 +275,7 @@ def plot_false_alarm_rate(frame, folder: Path, models: list[str]) -> Path | None
                     yerr=[v.std(ddof=1) if len(v) > 1 else 0.0 for v in values], marker="o", capsize=3,
                     label=model)  # fmt: skip
     ax.set_xlabel("requested false-alarm rate")
-    ax.set_ylabel("achieved false-alarm rate (unseen class's normal test images)")
+    ax.set_ylabel("achieved (unseen class, normal test images)")
     ax.set_title("normal-only operating point: achieved vs requested", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -305,7 +304,8 @@ def write_report(folder: Path, recorder: Any, overlays: dict, config: dict, elap
         f"{_eval_text(config.get('max_eval_per_class'))}; "
         f"wall time {elapsed / 60:.1f} min.\n\n"
     )
-    summary = operating_point_table(frame, models) + across_directions_tables(frame, models) + summary_tables(frame, models)
+    summary = operating_point_table(frame, models) + across_directions_tables(frame, models)
+    summary += summary_tables(frame, models)
     (folder / "summary.md").write_text(header + summary + "\n")
     if not frame.empty and (frame.status == "ok").any():
         plot_auroc_vs_k(frame, folder, models)

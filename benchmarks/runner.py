@@ -805,9 +805,8 @@ def peer_normal_only(model, cross, index: int, calibration: dict, rate: float) -
         if "point" not in calibration:
             normals = {c: x.to(device) for c, x in collect_normals(cross.train_data, cross.category_of).items()}
             point = OperatingPoint()
-            point.set_calibration(
-                normalised_normal_scores(peer, normals, cross.k_shot, transform, draws=PEER_CALIBRATION_DRAWS), cross.k_shot
-            )
+            pooled = normalised_normal_scores(peer, normals, cross.k_shot, transform, draws=PEER_CALIBRATION_DRAWS)
+            point.set_calibration(pooled, cross.k_shot)
             calibration["point"] = point
         point = calibration["point"]
         references = cross.reference_images("test", index).to(device)

@@ -435,7 +435,8 @@ def test_bank_from_before_the_operating_point_is_refused_with_how_to_recompute(
     current = Bank.load(folder / "bank.npz")
     legacy = tmp_path / "legacy.npz"
     arrays = {f"bank_{i}": t for i, t in enumerate(current.tensors)}
-    np.savez(legacy, __metadata__=np.array(json.dumps({**current.metadata, "format": "anomalib-cgad-bank/2"})), **arrays)
+    metadata = json.dumps({**current.metadata, "format": "anomalib-cgad-bank/2"})
+    np.savez(legacy, __metadata__=np.array(metadata), **arrays)
     with pytest.raises(BankError, match=r"before banks carried a normal-only operating point.*anomalib-cgad bank"):
         Bank.load(legacy)
     with pytest.raises(SystemExit):

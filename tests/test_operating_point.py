@@ -131,7 +131,7 @@ def test_fit_calibrates_and_labels_follow_the_requested_rate(fitted) -> None:
 
 
 def test_checkpoint_keeps_the_calibration_and_the_class_statistics(fitted) -> None:
-    model, datamodule, checkpoint = fitted
+    model, _, checkpoint = fitted
     loaded = PatchKNN.load_from_checkpoint(checkpoint)
     assert torch.equal(loaded.operating_point.tau_grid, model.operating_point.tau_grid)
     saved = torch.load(checkpoint, weights_only=True)["state_dict"]

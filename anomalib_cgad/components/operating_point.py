@@ -21,7 +21,7 @@ The requested rate is a user setting (``false_alarm_rate``, default 0.05); chang
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def apply_operating_point(output: InferenceBatch, operating_point: torch.Tensor) -> InferenceBatch:
-    """``(raw − location) / scale − tau`` of ``pred_score`` and ``anomaly_map``; ``operating_point = (loc, scale, tau)``.
+    """``(raw − location) / scale − tau`` of ``pred_score`` and ``anomaly_map`` (``operating_point``: the three).
 
     One affine map per class: it keeps the ranking inside a class (AUROC unchanged) and makes 0 the threshold.
     """

@@ -176,7 +176,8 @@ def calibrated_tau(far_grid: Sequence[float], tau_grid: Sequence[float], rate: f
     if taus.size == 0 or not np.isfinite(taus).all():
         msg = (
             "The model has no calibrated operating point (it was trained or exported before the normal-only "
-            "operating point existed). Recalibrate it on its training classes: model.calibrate_operating_point(datamodule)."
+            "operating point existed). Recalibrate it on its training classes: "
+            "model.calibrate_operating_point(datamodule)."
         )
         raise BankError(msg)
     low, weight = interpolation_weights(far_grid, rate)
