@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-val-per-class", type=int, help="at most N normal + N anomalous source-validation images")
     run.add_argument("--source-root", help="folder of the source dataset (presets on downloaded data)")
     run.add_argument("--target-root", help="folder of the target dataset (presets on downloaded data)")
+    run.add_argument("--directions", nargs="+", help="run only these directions of the protocol (by name)")
     run.add_argument("--quick", action="store_true", help="apply the preset's quick section (short CPU run)")
     run.add_argument("--out", default="results/benchmarks", help="results root; each run gets a new v<N> folder")
     commands.add_parser("list", help="list the presets")
@@ -59,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             "max_val_per_class": args.max_val_per_class,
         }
         config.update({key: value for key, value in overrides.items() if value is not None})
+        if args.directions:
+            names = [d["name"] for d in config["directions"]]
+            unknown = [name for name in args.directions if name not in names]
+            if unknown:
+                msg = f"Unknown directions {unknown}; the protocol has {names}."
+                raise ValueError(msg)
+            config["directions"] = [d for d in config["directions"] if d["name"] in args.directions]
         for direction in config["directions"]:
             if args.source_root:
                 direction["source_root"] = args.source_root

@@ -642,7 +642,11 @@ def run_ours(ctx: Context, name: str) -> None:
             for seed in seeds:
                 pass_start = time.perf_counter()
                 model.k_shot = k
-                if (k, seed) != (ks[0], seeds[0]):  # threshold on the source classes with these k references
+                calibrated = int(getattr(getattr(model, "operating_point", None), "calibrated_k", -1)) == k
+                # A validation on the source classes with these k references: it calibrates the operating point
+                # for a new k; with one for this k it would only refit the post-processor's min/max (the
+                # threshold is fixed at 0), which leaves the collected scores and labels unchanged.
+                if (k, seed) != (ks[0], seeds[0]) and not calibrated:
                     engine.validate(
                         model=model,
                         datamodule=make_datamodule(config, direction, k, seed, "validate", ctx.data_root),
