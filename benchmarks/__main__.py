@@ -5,6 +5,7 @@ Example:
     $ python -m benchmarks run --preset elpv --models CGAD PatchKNN --k-shot 1 4 --seeds 0
     $ python -m benchmarks run --protocol my_protocol.yaml --out results/benchmarks
     $ python -m benchmarks list
+    $ python -m benchmarks merge results/a/v0 results/b/v0 --out results/merged   # runs split by --directions
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="apply the preset's quick section (short CPU run)")
     run.add_argument("--out", default="results/benchmarks", help="results root; each run gets a new v<N> folder")
     commands.add_parser("list", help="list the presets")
+    merge = commands.add_parser("merge", help="one report from runs split over processes (--directions)")
+    merge.add_argument("folders", nargs="+", type=Path, help="run folders (each with results.csv, config.yaml)")
+    merge.add_argument("--out", required=True, type=Path, help="new folder for the merged report")
     return parser
 
 
@@ -43,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from benchmarks.runner import PRESETS, load_config, run_benchmark, validate_config
 
+    if args.command == "merge":
+        from benchmarks.report import merge_runs
+
+        try:
+            print(f"[bench] merged into {merge_runs(args.folders, args.out)}")
+        except (FileNotFoundError, FileExistsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "list":
         for path in sorted(PRESETS.glob("*.yaml")):
             print(path.stem)

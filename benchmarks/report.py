@@ -320,3 +320,49 @@ def write_report(folder: Path, recorder: Any, overlays: dict, config: dict, elap
             "passes only; peak_rss_mb: peak resident memory of the process during the model's runs; "
             "peak_cuda_mb: torch peak CUDA memory (empty on CPU).\n\n" + speed.to_markdown(index=False) + "\n"
         )
+
+
+def merge_runs(folders: list[Path], out: Path) -> Path:
+    """One report from runs of the same protocol split over processes (e.g. ``--directions`` per process).
+
+    Concatenates ``results.csv`` and ``speed.csv``, takes the first run's ``config.yaml`` with the union of
+    the runs' directions and models, copies the overlays and rewrites ``summary.md`` and the plots. The wall
+    time is the longest run's (they ran side by side). ``out`` must not exist (nothing is overwritten).
+    """
+    import re
+    import shutil
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import yaml
+
+    folders = [Path(f) for f in folders]
+    out = Path(out)
+    if out.exists():
+        msg = f"Refusing to overwrite '{out}'; choose a new folder."
+        raise FileExistsError(msg)
+    configs = [yaml.safe_load((f / "config.yaml").read_text()) for f in folders]
+    config = dict(configs[0])
+    config["directions"] = [d for c in configs for d in c["directions"]]
+    config["models"] = list(dict.fromkeys(m for c in configs for m in c["models"]))
+    rows = pd.concat([pd.read_csv(f / "results.csv") for f in folders], ignore_index=True)
+    speed = [pd.read_csv(f / "speed.csv") for f in folders if (f / "speed.csv").is_file()]
+    minutes = [
+        float(m.group(1))
+        for f in folders
+        if (f / "summary.md").is_file() and (m := re.search(r"wall time ([0-9.]+) min", (f / "summary.md").read_text()))
+    ]
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rows.to_csv(out / "results.csv", index=False)
+    if speed:
+        pd.concat(speed, ignore_index=True).to_csv(out / "speed.csv", index=False)
+    for folder in folders:
+        for png in sorted((folder / "overlays").glob("*.png")):
+            (out / "overlays").mkdir(exist_ok=True)
+            shutil.copy2(png, out / "overlays" / png.name)
+    recorder = SimpleNamespace(
+        rows=rows.to_dict("records"), speed=pd.concat(speed).to_dict("records") if speed else []
+    )
+    write_report(out, recorder, {}, config, 60 * max(minutes, default=0.0))
+    return out

@@ -291,3 +291,32 @@ def test_deploy_speed_writes_latency_and_arithmetic_tables(tmp_path) -> None:
     assert all(float(r["ms_per_image"]) > 0 for r in rows.values())
     markdown = (folder / "results.md").read_text()
     assert "| CGAD | flow |" in markdown and "| CGAD | other |" in markdown
+
+
+def test_merge_joins_runs_split_by_direction_and_never_overwrites(tmp_path) -> None:
+    import yaml
+
+    from benchmarks.report import merge_runs
+
+    folders = []
+    for direction, f1 in (("to_a", 0.7), ("to_b", 0.9)):
+        folder = tmp_path / direction
+        folder.mkdir()
+        config = {"name": "p", "models": ["CGAD"], "k_shot": [4], "seeds": [0], "directions": [{"name": direction}]}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        row = {"direction": direction, "model": "CGAD", "k_shot": 4, "seed": 0, "class": direction[-1],
+               "status": "ok", "image_AUROC": 0.8, "F1_oracle": 1.0, "F1_normal_only": f1, "miss_rate": 0.1,
+               "false_alarm_rate_at_0.01": 0.0, "false_alarm_rate_at_0.05": 0.05,
+               "false_alarm_rate_at_0.1": 0.1}  # fmt: skip
+        pd.DataFrame([row]).to_csv(folder / "results.csv", index=False)
+        (folder / "summary.md").write_text(f"wall time {10 * f1:.1f} min.")
+        folders.append(folder)
+    out = merge_runs(folders, tmp_path / "merged")
+    frame = pd.read_csv(out / "results.csv")
+    assert list(frame.direction) == ["to_a", "to_b"]
+    assert [d["name"] for d in yaml.safe_load((out / "config.yaml").read_text())["directions"]] == ["to_a", "to_b"]
+    summary = (out / "summary.md").read_text()
+    assert "wall time 9.0 min" in summary and "| CGAD | 0.800 ± 0.141 |" in summary
+    assert (out / "false_alarm_rate.png").stat().st_size > 0
+    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
+        merge_runs(folders, out)
