@@ -440,5 +440,5 @@ def test_bank_from_before_the_operating_point_is_refused_with_how_to_recompute(
     with pytest.raises(BankError, match=r"before banks carried a normal-only operating point.*anomalib-cgad bank"):
         Bank.load(legacy)
     images = str(synthetic_root / "waves" / "test" / "good")
-    with pytest.raises(SystemExit, match="anomalib-cgad predict-ov: error: .*normal-only operating point"):
+    with pytest.raises(SystemExit, match=r"anomalib-cgad predict-ov: error: .*normal-only operating point"):
         cli_main(["predict-ov", "--model", str(folder), "--bank", str(legacy), "--images", images])
