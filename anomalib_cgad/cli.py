@@ -116,6 +116,7 @@ def _bank_command(args: argparse.Namespace) -> None:
     import numpy as np
 
     from anomalib_cgad.deploy.inferencer import (
+        BankError,
         ImageInputError,
         bad_images_mode,
         check_unreadable,
@@ -158,6 +159,13 @@ def _bank_command(args: argparse.Namespace) -> None:
     bank.save(args.out, overwrite=args.overwrite)
     shapes = ", ".join(str(tuple(t.shape)) for t in bank.tensors)
     print(f"Wrote the bank of {k} image(s) ({bank.metadata['model']}, tensors {shapes}) to {args.out}")
+    location, scale = (float(v) for v in bank.reference_stats)
+    print(f"Normal-only operating point from the {k} image(s): location {location:.4f}, scale {scale:.4f}", end="")
+    try:
+        rate = inferencer.false_alarm_rate
+        print(f"; threshold {inferencer.threshold(bank):.4f} for a requested false-alarm rate of {rate:g}")
+    except BankError as exc:
+        print(f"; no threshold: {exc}")
 
 
 def _add_predict_ov_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +174,10 @@ def _add_predict_ov_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", type=Path, default=None, help="bank file (.npz); default: the bank of the export")
     parser.add_argument("--out", type=Path, default=None, help="folder for anomaly-map overlays and predictions.csv")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out folder")
+    parser.add_argument(
+        "--false-alarm-rate", type=float, default=None,
+        help="requested share of normal images labelled anomalous (default: the export's, 0.05 unless set)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default: 8)")
     _add_bad_images_argument(parser)
     parser.set_defaults(func=_predict_ov_command)
@@ -236,7 +248,14 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
                         break
                     chunk.append(path)
                     unreadable[path] = str(exc.__cause__ or exc)
-            result = inferencer.predict(np.stack(arrays), bank) if arrays else None
+            try:
+                result = (
+                    inferencer.predict(np.stack(arrays), bank, false_alarm_rate=args.false_alarm_rate)
+                    if arrays
+                    else None
+                )
+            except (BankError, ValueError) as exc:
+                _fail("predict-ov", str(exc))
             row = 0  # index into the batch of the readable images
             for path in chunk:  # rows in the order of the images given
                 if path in unreadable:

@@ -316,7 +316,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
     model = model_class(pre_processor=model_class.configure_pre_processor(size))
     epochs = args.epochs if args.epochs is not None else getattr(model, "demo_epochs", 1)
     print(f"anomalib-cgad demo: {args.model}, {title}, k={args.k_shot}, {epochs} epoch(s); results in {out}")
-    # Validation (which learns the threshold on the source classes) runs once, after the last epoch.
+    # Validation (which calibrates the operating point on the source classes) runs once, after the last epoch.
     engine = Engine(
         max_epochs=epochs, default_root_dir=out, accelerator="auto", devices=1, check_val_every_n_epoch=epochs
     )
@@ -340,6 +340,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
             f"operating point {threshold:.3f} (normalised score).\n"
         )
     print((out / "metrics.md").read_text())
+    print(
+        f"image_F1Score and image_FalseAlarmRate: labels at the normal-only operating point (threshold from the k "
+        f"references of each unseen class, requested false-alarm rate {model.false_alarm_rate:g}; no anomalous "
+        "image of that class used)."
+    )
     print(f"train + test took {elapsed:.0f} s; per-class CSV, table and plot in {out}")
     return metrics
 

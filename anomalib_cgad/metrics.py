@@ -19,8 +19,22 @@ from typing import Any
 
 import torch
 from anomalib.metrics import AUROC, Evaluator, F1Score
+from anomalib.metrics.base import AnomalibMetric
 from lightning.pytorch import LightningModule, Trainer
 from torch.nn import ModuleDict
+from torchmetrics.classification import BinarySpecificity
+
+
+class FalseAlarmRate(AnomalibMetric, BinarySpecificity):
+    """Share of normal images labelled anomalous, ``1 − specificity`` (logged as ``image_FalseAlarmRate``).
+
+    With the models' normal-only operating point it is the rate the user requested (``false_alarm_rate``),
+    achieved on the tested class.
+    """
+
+    def compute(self) -> torch.Tensor:
+        """``1 − specificity`` of ``pred_label`` against ``gt_label``."""
+        return 1 - super().compute()
 
 
 class PerClassEvaluator(Evaluator):
@@ -38,11 +52,13 @@ class PerClassEvaluator(Evaluator):
 
     @classmethod
     def default(cls) -> PerClassEvaluator:
-        """anomalib's default test metrics (image/pixel AUROC and F1; pixel ones skipped without masks)."""
+        """anomalib's default test metrics (image/pixel AUROC and F1; pixel ones skipped without masks) and the
+        image false-alarm rate (the labels are the normal-only operating point's)."""
         return cls(
             test_metrics=[
                 AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
                 F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+                FalseAlarmRate(fields=["pred_label", "gt_label"], prefix="image_"),
                 AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
                 F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
             ],

@@ -8,6 +8,7 @@ Example:
     $ python -m benchmarks tasks --preset mvtec_to_visa          # the grid's (direction, model) tasks
     $ python -m benchmarks run --preset mvtec_to_visa --task 3 --out grid   # one task (a job-array element)
     $ python -m benchmarks merge grid/mvtec_to_visa                # merge the finished tasks (also automatic)
+    $ python -m benchmarks merge results/a/v0 results/b/v0 --out results/merged   # runs split by --directions
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-val-per-class", type=int, help="at most N normal + N anomalous source-validation images")
     run.add_argument("--source-root", help="folder of the source dataset (presets on downloaded data)")
     run.add_argument("--target-root", help="folder of the target dataset (presets on downloaded data)")
+    run.add_argument("--directions", nargs="+", help="run only these directions of the protocol (by name)")
     run.add_argument("--quick", action="store_true", help="apply the preset's quick section (short CPU run)")
     run.add_argument("--out", default="results/benchmarks", help="results root; each run gets a new v<N> folder")
     run.add_argument(
@@ -43,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("tasks", help="list the (direction, model) tasks of a preset's grid")
     listing.add_argument("--preset", required=True)
     listing.add_argument("--models", nargs="+", help="override the models")
-    merging = commands.add_parser("merge", help="merge the finished tasks of a grid run (<out>/<preset>)")
-    merging.add_argument("grid", help="the grid folder, <out>/<preset>")
+    merging = commands.add_parser(
+        "merge",
+        help="merge the finished tasks of a grid run (one folder, <out>/<preset>), or, with --out, runs split by "
+        "--directions (run folders, each with results.csv and config.yaml) into one new report",
+    )
+    merging.add_argument("folders", nargs="+", type=Path, help="a grid folder, or run folders with --out")
+    merging.add_argument("--out", type=Path, help="new folder for the merged report of several run folders")
     return parser
 
 
@@ -53,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from benchmarks.runner import PRESETS, load_config, run_benchmark, validate_config
 
+    if args.command == "merge" and args.out is not None:
+        from benchmarks.report import merge_runs
+
+        try:
+            print(f"[bench] merged into {merge_runs(args.folders, args.out)}")
+        except (FileNotFoundError, FileExistsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "list":
         for path in sorted(PRESETS.glob("*.yaml")):
             print(path.stem)
@@ -60,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import grid
 
     if args.command == "merge":
+        if len(args.folders) != 1:
+            print("error: merge takes one grid folder, or several run folders with --out <new folder>", file=sys.stderr)
+            return 2
         try:
-            grid.merge(args.grid)
+            grid.merge(args.folders[0])
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -86,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             "max_val_per_class": args.max_val_per_class,
         }
         config.update({key: value for key, value in overrides.items() if value is not None})
+        if args.directions:
+            names = [d["name"] for d in config["directions"]]
+            unknown = [name for name in args.directions if name not in names]
+            if unknown:
+                msg = f"Unknown directions {unknown}; the protocol has {names}."
+                raise ValueError(msg)
+            config["directions"] = [d for d in config["directions"] if d["name"] in args.directions]
         for direction in config["directions"]:
             if args.source_root:
                 direction["source_root"] = args.source_root

@@ -73,9 +73,19 @@ class PatchKNNModel(nn.Module):
         self.blur = GaussianBlur2d(kernel_size=(kernel, kernel), sigma=(sigma, sigma), channels=1)
 
     @torch.no_grad()
+    def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Bank tensors (one ``(k·H_l·W_l, C_l)`` per level) of normalised reference images."""
+        return self.bank.build(self.backbone(images))
+
+    @torch.no_grad()
     def set_reference(self, images: torch.Tensor) -> None:
         """Store the patch features of normalised reference images ``(k, 3, H, W)``."""
         self.bank.set(self.backbone(images))
+
+    def forward_with_bank(self, images: torch.Tensor, bank: list[torch.Tensor]) -> InferenceBatch:
+        """Score normalised images ``(B, 3, H, W)`` against explicit bank tensors."""
+        anomaly_map = self.blur(patch_knn_map(self.backbone(images), bank, images.shape[-2:]))
+        return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score normalised images ``(B, 3, H, W)`` against the stored references.
@@ -86,8 +96,7 @@ class PatchKNNModel(nn.Module):
         if not self.bank.is_set:
             msg = "PatchKNN has no references: set them with set_reference(images) first."
             raise RuntimeError(msg)
-        anomaly_map = self.blur(patch_knn_map(self.backbone(images), self.bank.tensors(), images.shape[-2:]))
-        return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
+        return self.forward_with_bank(images, self.bank.tensors())
 
 
 class PatchKNN(ReferenceMixin, AnomalibModule):
@@ -100,6 +109,8 @@ class PatchKNN(ReferenceMixin, AnomalibModule):
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
         k_shot (int): references per class. Defaults to ``4``.
         few_shot_source (str | None): folder of reference images. Defaults to ``None``.
+        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
+            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         sigma (float): Gaussian smoothing of the map. Defaults to ``4.0``.
         pre_processor (nn.Module | bool): Defaults to ``True`` (the models' resize + ImageNet normalisation).
         post_processor (nn.Module | bool): Defaults to ``True``.
@@ -114,6 +125,7 @@ class PatchKNN(ReferenceMixin, AnomalibModule):
         backbone_weights: str | None = "pretrained",
         k_shot: int = 4,
         few_shot_source: str | None = None,
+        false_alarm_rate: float = 0.05,
         sigma: float = 4.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -132,7 +144,7 @@ class PatchKNN(ReferenceMixin, AnomalibModule):
         self.k_shot = k_shot
         self.few_shot_source = few_shot_source
         self.model = PatchKNNModel(backbone, layers, backbone_weights, sigma)
-        self._init_references()
+        self._init_references(false_alarm_rate)
 
     def configure_optimizers(self) -> None:
         """Training-free: no optimiser."""

@@ -105,3 +105,65 @@ def build_peer(
         raise RuntimeError(msg) from exc
     msg = f"Unknown peer '{name}'; choose from Patchcore, Padim, AnomalyDINO, WinClip."
     raise ValueError(msg)
+
+
+class PeerBank:
+    """``compute_bank`` / ``forward_with_bank`` for anomalib's Patchcore and Padim, fitted on given images.
+
+    It lets the peers share our models' normal-only operating point code
+    (:mod:`anomalib_cgad.components.operating_point`): "the bank" of a peer is its fitted state (Patchcore's
+    memory bank, Padim's per-position Gaussian), so leave-one-out statistics refit it on k − 1 references
+    and the source-class calibration refits it on each draw. :meth:`keep` / :meth:`restore` protect the
+    state fitted on the class's k references meanwhile.
+
+    Args:
+        module (AnomalibModule): a Patchcore or Padim (pre-processed images go to its torch model).
+    """
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.training = False
+
+    def eval(self) -> PeerBank:
+        """No-op (the peer's torch model is put in eval mode after every fit)."""
+        return self
+
+    def train(self, mode: bool = True) -> PeerBank:
+        """No-op (see :meth:`eval`)."""
+        del mode
+        return self
+
+    def compute_bank(self, images):
+        """Fit the peer on normalised ``images`` and return its fitted state."""
+        import torch
+
+        model = self.module.model
+        model.train()
+        with torch.no_grad():
+            model(images)
+        self.module.fit()
+        model.eval()
+        return self.keep()
+
+    def keep(self) -> list:
+        """The fitted state (copies)."""
+        model = self.module.model
+        if hasattr(model, "gaussian"):
+            return [model.gaussian.mean.clone(), model.gaussian.inv_covariance.clone()]
+        return [model.memory_bank.clone()]
+
+    def restore(self, state: list) -> None:
+        """Make ``state`` (from :meth:`keep`) the fitted state."""
+        model = self.module.model
+        if hasattr(model, "gaussian"):
+            model.gaussian.mean, model.gaussian.inv_covariance = state[0], state[1]
+        else:
+            model.memory_bank = state[0]
+
+    def forward_with_bank(self, images, bank: list):
+        """Score normalised ``images`` with the fitted state ``bank``."""
+        import torch
+
+        self.restore(bank)
+        with torch.no_grad():
+            return self.module.model(images)

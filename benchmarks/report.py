@@ -7,6 +7,9 @@ Files written into the run folder (``results.csv`` and ``speed.csv`` are written
   seeds; skipped models with their reason; the run's wall time;
 - ``auroc_vs_k_<direction>.png``: image AUROC against k, one line per model, error bars over seeds;
 - ``per_class_bar.png``: image AUROC per target class and model at the largest k (seed mean ± std);
+- ``false_alarm_rate.png``: achieved vs requested false-alarm rate at the normal-only operating point, per
+  model (mean ± std over directions and seeds), with the ±0.05 band; the table "Normal-only operating
+  point" in ``summary.md`` gives the same numbers with F1 against the oracle F1;
 - ``overlays/<direction>_<model>_k<k>_s<seed>.png``: a few test images with their anomaly map (anomalib's
   ``visualize_anomaly_map`` + ``overlay_image``);
 - ``speed.md``: training time, test throughput and peak memory per model and direction.
@@ -28,7 +31,11 @@ SUMMARY_METRICS = (
     ("AUPRO", "AUPRO"),
     ("F1_transferred", "image F1 at the transferred threshold"),
     ("F1_oracle", "image F1 at the best threshold on the test class (F1Max)"),
+    ("F1_normal_only", "image F1 at the normal-only operating point (k references + source calibration)"),
+    ("false_alarm_rate", "false-alarm rate at the normal-only operating point (normal test images labelled anomalous)"),
+    ("miss_rate", "miss rate at the normal-only operating point (defective test images labelled normal)"),
 )
+REQUESTED_RATES = (0.01, 0.05, 0.1)  # the runner's achieved-vs-requested columns false_alarm_rate_at_<rate>
 
 
 def _fmt(values: list[float]) -> str:
@@ -209,6 +216,75 @@ def across_directions_tables(frame, models: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _achieved(part, rate: float):
+    column = f"false_alarm_rate_at_{rate:g}"
+    return part[column].dropna() if column in part else part.iloc[0:0]
+
+
+def operating_point_table(frame, models: list[str]) -> str:
+    """Markdown: per model (largest k), F1 at the normal-only operating point against the oracle F1, the
+    worst reference draw, and the achieved false-alarm rate at each requested rate (mean ± std over
+    directions × seeds of the class-mean rows)."""
+    per_pass = class_mean_frame(frame)
+    if "F1_normal_only" not in per_pass or per_pass["F1_normal_only"].isna().all():
+        return ""
+    k = int(per_pass.k_shot.max())
+    part = per_pass[per_pass.k_shot == k]
+    rates = " | ".join(f"FAR at {r:g}" for r in REQUESTED_RATES)
+    lines = [
+        f"## Normal-only operating point (k = {k}; mean ± std over directions × reference seeds)\n",
+        f"| model | F1 normal-only | F1 oracle | oracle − normal-only | worst draw | miss rate | {rates} |",
+        "|---|---|---|---|---|---|" + "---|" * len(REQUESTED_RATES),
+    ]
+    for model in models:
+        rows = part[part.model == model].dropna(subset=["F1_normal_only"])
+        if rows.empty:
+            continue
+        gap = (rows.F1_oracle - rows.F1_normal_only).tolist()
+        cells = [
+            _fmt(rows.F1_normal_only.tolist()), _fmt(rows.F1_oracle.tolist()), _fmt(gap),
+            f"{rows.F1_normal_only.min():.3f}", _fmt(rows.miss_rate.tolist()),
+            *(_fmt(_achieved(rows, r).tolist()) for r in REQUESTED_RATES),
+        ]  # fmt: skip
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
+def plot_false_alarm_rate(frame, folder: Path, models: list[str]) -> Path | None:
+    """Achieved vs requested false-alarm rate per model (largest k), mean ± std over directions × seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_pass = class_mean_frame(frame)
+    if per_pass.empty or f"false_alarm_rate_at_{REQUESTED_RATES[0]:g}" not in per_pass:
+        return None
+    part = per_pass[per_pass.k_shot == per_pass.k_shot.max()]
+    fig, ax = plt.subplots(figsize=(5.0, 4.0))
+    grid = np.array([0.0, max(REQUESTED_RATES) * 1.2])
+    ax.fill_between(grid, grid - 0.05, grid + 0.05, color="grey", alpha=0.15, label="±0.05")
+    ax.plot(grid, grid, color="grey", linestyle="--", linewidth=1)
+    for offset, model in enumerate(models):
+        rows = part[part.model == model]
+        values = [_achieved(rows, r) for r in REQUESTED_RATES]
+        if rows.empty or all(v.empty for v in values):
+            continue
+        shift = (offset - len(models) / 2) * 0.0015  # separate the error bars
+        ax.errorbar([r + shift for r in REQUESTED_RATES], [v.mean() for v in values],
+                    yerr=[v.std(ddof=1) if len(v) > 1 else 0.0 for v in values], marker="o", capsize=3,
+                    label=model)  # fmt: skip
+    ax.set_xlabel("requested false-alarm rate")
+    ax.set_ylabel("achieved (unseen class, normal test images)")
+    ax.set_title("normal-only operating point: achieved vs requested", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = folder / "false_alarm_rate.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _eval_text(limit: int | None) -> str:
     if not limit:
         return "all evaluation images"
@@ -228,11 +304,13 @@ def write_report(folder: Path, recorder: Any, overlays: dict, config: dict, elap
         f"{_eval_text(config.get('max_eval_per_class'))}; "
         f"wall time {elapsed / 60:.1f} min.\n\n"
     )
-    summary = across_directions_tables(frame, models) + summary_tables(frame, models)
+    summary = operating_point_table(frame, models) + across_directions_tables(frame, models)
+    summary += summary_tables(frame, models)
     (folder / "summary.md").write_text(header + summary + "\n")
     if not frame.empty and (frame.status == "ok").any():
         plot_auroc_vs_k(frame, folder, models)
         plot_per_class(frame, folder, models)
+        plot_false_alarm_rate(frame, folder, models)
     write_overlays(overlays, folder, size=int(config.get("image_size", 160)))
     if recorder.speed:
         speed = pd.DataFrame(recorder.speed)
@@ -242,3 +320,49 @@ def write_report(folder: Path, recorder: Any, overlays: dict, config: dict, elap
             "passes only; peak_rss_mb: peak resident memory of the process during the model's runs; "
             "peak_cuda_mb: torch peak CUDA memory (empty on CPU).\n\n" + speed.to_markdown(index=False) + "\n"
         )
+
+
+def merge_runs(folders: list[Path], out: Path) -> Path:
+    """One report from runs of the same protocol split over processes (e.g. ``--directions`` per process).
+
+    Concatenates ``results.csv`` and ``speed.csv``, takes the first run's ``config.yaml`` with the union of
+    the runs' directions and models, copies the overlays and rewrites ``summary.md`` and the plots. The wall
+    time is the longest run's (they ran side by side). ``out`` must not exist (nothing is overwritten).
+    """
+    import re
+    import shutil
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import yaml
+
+    folders = [Path(f) for f in folders]
+    out = Path(out)
+    if out.exists():
+        msg = f"Refusing to overwrite '{out}'; choose a new folder."
+        raise FileExistsError(msg)
+    configs = [yaml.safe_load((f / "config.yaml").read_text()) for f in folders]
+    config = dict(configs[0])
+    config["directions"] = [d for c in configs for d in c["directions"]]
+    config["models"] = list(dict.fromkeys(m for c in configs for m in c["models"]))
+    rows = pd.concat([pd.read_csv(f / "results.csv") for f in folders], ignore_index=True)
+    speed = [pd.read_csv(f / "speed.csv") for f in folders if (f / "speed.csv").is_file()]
+    minutes = [
+        float(m.group(1))
+        for f in folders
+        if (f / "summary.md").is_file() and (m := re.search(r"wall time ([0-9.]+) min", (f / "summary.md").read_text()))
+    ]
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rows.to_csv(out / "results.csv", index=False)
+    if speed:
+        pd.concat(speed, ignore_index=True).to_csv(out / "speed.csv", index=False)
+    for folder in folders:
+        for png in sorted((folder / "overlays").glob("*.png")):
+            (out / "overlays").mkdir(exist_ok=True)
+            shutil.copy2(png, out / "overlays" / png.name)
+    recorder = SimpleNamespace(
+        rows=rows.to_dict("records"), speed=pd.concat(speed).to_dict("records") if speed else []
+    )
+    write_report(out, recorder, {}, config, 60 * max(minutes, default=0.0))
+    return out

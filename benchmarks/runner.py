@@ -47,7 +47,16 @@ METRICS = (
     "AUPRO",
     "F1_transferred",
     "F1_oracle",
+    "F1_normal_only",
+    "false_alarm_rate",
+    "miss_rate",
+    "false_alarm_rate_at_0.01",
+    "false_alarm_rate_at_0.05",
+    "false_alarm_rate_at_0.1",
+    "F1_normal_only_at_0.01",
+    "F1_normal_only_at_0.1",
 )
+REQUESTED_RATES = (0.01, 0.05, 0.1)  # requested false-alarm rates every pass is also evaluated at
 COLUMNS = (
     "direction",
     "model",
@@ -59,6 +68,7 @@ COLUMNS = (
     "n_anomalous",
     *METRICS,
     "threshold_from",
+    "requested_false_alarm_rate",
     "bank_refs",
     "references",
 )
@@ -231,6 +241,7 @@ class ScoreCollector(Callback):
         self.masks: list[torch.Tensor] = []
         self.examples: dict[str, torch.Tensor] = {}
         self.threshold = float("nan")
+        self.normal_only: dict[float, float] | None = None  # requested rate -> threshold on the collected scores
         self.seconds = 0.0
         self.bank_refs: int | None = None
         self._start = 0.0
@@ -239,6 +250,8 @@ class ScoreCollector(Callback):
         """Start the clock and read the transferred (source-validation) threshold."""
         del trainer
         self.threshold = float(pl_module.post_processor.image_threshold)
+        if hasattr(pl_module, "operating_point") and pl_module.operating_point.calibrated:
+            self.normal_only = normal_only_offsets(pl_module)
         self._start = time.perf_counter()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -303,6 +316,48 @@ class MemoryMonitor:
         return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
+def normal_only_offsets(module, rates: tuple[float, ...] = REQUESTED_RATES) -> dict[float, float]:
+    """Thresholds, per requested rate, on the scores our models output (already ``(raw − loc) / scale − tau``).
+
+    The models subtract ``tau`` at their own ``false_alarm_rate``; another rate's threshold is the difference.
+    """
+    rates = tuple(sorted({*rates, float(module.false_alarm_rate)}))
+    point = module.operating_point
+    return {rate: point.tau(rate) - point.tau(module.false_alarm_rate) for rate in rates}
+
+
+def normal_only_metrics(
+    scores: torch.Tensor, labels: torch.Tensor, thresholds: dict[float, float] | None, rate: float
+) -> dict[str, float]:
+    """F1, false-alarm rate (normals labelled anomalous) and miss rate at the normal-only thresholds.
+
+    ``thresholds`` maps each requested rate to the threshold on ``scores`` (``None``: all NaN); ``rate`` is the
+    run's requested rate, reported in ``F1_normal_only`` / ``false_alarm_rate`` / ``miss_rate``.
+    """
+    names = ("F1_normal_only", "false_alarm_rate", "miss_rate",
+             *(f"false_alarm_rate_at_{r:g}" for r in REQUESTED_RATES),
+             *(f"F1_normal_only_at_{r:g}" for r in REQUESTED_RATES if r != 0.05))  # fmt: skip
+    out = dict.fromkeys(names, float("nan"))
+    if not thresholds or len(labels) == 0:
+        return out
+    normal, anomalous = labels == 0, labels == 1
+
+    def at(threshold: float) -> tuple[float, float, float]:
+        predicted = scores > threshold
+        far = float(predicted[normal].float().mean()) if normal.any() else float("nan")
+        miss = float((~predicted[anomalous]).float().mean()) if anomalous.any() else float("nan")
+        return _f1(predicted, labels), far, miss
+
+    out["F1_normal_only"], out["false_alarm_rate"], out["miss_rate"] = at(thresholds[rate])
+    for requested in REQUESTED_RATES:
+        if requested in thresholds:
+            f1, far, _ = at(thresholds[requested])
+            out[f"false_alarm_rate_at_{requested:g}"] = far
+            if f"F1_normal_only_at_{requested:g}" in out:
+                out[f"F1_normal_only_at_{requested:g}"] = f1
+    return out
+
+
 # --------------------------------------------------------------------------- metrics
 def unit_scale(values: torch.Tensor) -> torch.Tensor:
     """Min-max scale to [0, 1] (rank-preserving).
@@ -348,6 +403,8 @@ def class_metrics(
     probability: np.ndarray | None = None,
     maps: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
+    normal_only: dict[float, float] | None = None,
+    rate: float = 0.05,
 ) -> dict[str, float]:
     """All benchmark metrics of one class from raw per-image scores.
 
@@ -359,6 +416,9 @@ def class_metrics(
             and subtle (⅓, ⅔). Defaults to ``None`` (no split).
         maps (torch.Tensor | None): anomaly maps ``(N, H, W)`` when masks exist. Defaults to ``None``.
         masks (torch.Tensor | None): ground-truth masks ``(N, H, W)``. Defaults to ``None``.
+        normal_only (dict[float, float] | None): the normal-only threshold on ``scores`` per requested
+            false-alarm rate (see :func:`normal_only_metrics`). Defaults to ``None`` (those columns NaN).
+        rate (float): the run's requested false-alarm rate. Defaults to ``0.05``.
 
     Returns:
         dict[str, float]: the :data:`METRICS` (NaN where not applicable).
@@ -372,6 +432,7 @@ def class_metrics(
     out["image_AUROC"] = _auroc(scores, labels)
     out["F1_transferred"] = _f1(scores > threshold, labels) if math.isfinite(threshold) else float("nan")
     out["F1_oracle"] = _f1_max(scores, labels)
+    out.update(normal_only_metrics(scores, labels, normal_only, rate))
     if probability is not None:
         probability = np.asarray(probability, dtype=float)
         normal = probability == 0.0
@@ -448,6 +509,8 @@ def rows_from_collector(
             prob,
             None if maps is None or len(maps) != len(scores) else maps[select],
             None if masks is None or len(masks) != len(scores) else masks[select],
+            collector.normal_only,
+            float(base.get("requested_false_alarm_rate", 0.05)),
         )
         references = datamodule.reference_paths("test", int(index))
         bad = int((~torch.isfinite(scores[select])).sum())
@@ -474,7 +537,8 @@ def rows_from_collector(
 
 def mean_row(rows: list[dict]) -> dict:
     """Class-mean row of a pass with several target classes."""
-    out = {key: rows[0][key] for key in ("direction", "model", "k_shot", "seed", "status", "threshold_from")}
+    keys = ("direction", "model", "k_shot", "seed", "status", "threshold_from", "requested_false_alarm_rate")
+    out = {key: rows[0].get(key) for key in keys}
     out["class"] = "mean"
     out["n_test"] = sum(r["n_test"] for r in rows)
     out["n_anomalous"] = sum(r["n_anomalous"] for r in rows)
@@ -515,6 +579,7 @@ def build_ours(name: str, config: dict, k: int):
         import anomalib_cgad
 
         cls = getattr(anomalib_cgad, name)
+    options.setdefault("false_alarm_rate", float(config.get("false_alarm_rate", 0.05)))
     return cls(pre_processor=cls.configure_pre_processor(size), k_shot=k, visualizer=False, **options)
 
 
@@ -556,7 +621,9 @@ def _report_line(rows: list[dict], name: str, seconds: float) -> None:
         extra = f" (clear {row['image_AUROC_clear']:.3f}, subtle {row['image_AUROC_subtle']:.3f})"
     print(
         f"[bench] {name} {row['class']}: image AUROC {row['image_AUROC']:.3f}{extra}, "
-        f"F1 transferred {row['F1_transferred']:.3f}, oracle {row['F1_oracle']:.3f} ({seconds:.0f} s)",
+        f"F1 transferred {row['F1_transferred']:.3f}, oracle {row['F1_oracle']:.3f}, "
+        f"normal-only {row.get('F1_normal_only', float('nan')):.3f} "
+        f"(false alarms {row.get('false_alarm_rate', float('nan')):.3f}) ({seconds:.0f} s)",
         flush=True,
     )
 
@@ -567,7 +634,7 @@ def run_ours(ctx: Context, name: str) -> None:
     ks, seeds = [int(k) for k in config["k_shot"]], [int(s) for s in config["seeds"]]
     collector = ScoreCollector()
     seed_everything(int(config.get("seed", 0)), verbose=False)  # weight init, episodes: same numbers on a rerun
-    model = build_ours(name, config, ks[0])
+    model = build_ours(name, config, ks[0])  # false_alarm_rate: the protocol's (default 0.05)
     work = ctx.folder / "work" / direction["name"] / name
     epochs = resolve_model(name, config)[2] or getattr(model, "demo_epochs", 1)
     engine = _engine(work, collector, max_epochs=int(epochs), check_val_every_n_epoch=int(epochs))
@@ -581,7 +648,11 @@ def run_ours(ctx: Context, name: str) -> None:
             for seed in seeds:
                 pass_start = time.perf_counter()
                 model.k_shot = k
-                if (k, seed) != (ks[0], seeds[0]):  # threshold on the source classes with these k references
+                calibrated = int(getattr(getattr(model, "operating_point", None), "calibrated_k", -1)) == k
+                # A validation on the source classes with these k references: it calibrates the operating point
+                # for a new k; with one for this k it would only refit the post-processor's min/max (the
+                # threshold is fixed at 0), which leaves the collected scores and labels unchanged.
+                if (k, seed) != (ks[0], seeds[0]) and not calibrated:
                     engine.validate(
                         model=model,
                         datamodule=make_datamodule(config, direction, k, seed, "validate", ctx.data_root),
@@ -591,7 +662,8 @@ def run_ours(ctx: Context, name: str) -> None:
                 collector.reset()
                 engine.trainer.test(model=model, datamodule=test_dm, verbose=False)
                 base = {"direction": direction["name"], "model": name, "k_shot": k, "seed": seed,
-                        "threshold_from": "source validation"}  # fmt: skip
+                        "threshold_from": "normal-only operating point (k references + source calibration)",
+                        "requested_false_alarm_rate": model.false_alarm_rate}  # fmt: skip
                 rows, examples = rows_from_collector(collector, test_dm, base)
                 if len(rows) > 1:
                     rows.append(mean_row(rows))
@@ -678,8 +750,10 @@ def run_peer(ctx: Context, name: str) -> None:
             for seed in seeds:
                 ctx.recorder.add(_skip_rows(direction["name"], name, k, seed, direction["target_categories"], reason))
         return
+    rate = float(config.get("false_alarm_rate", 0.05))
     with MemoryMonitor() as memory:
         for k in ks:
+            calibration: dict = {}  # the peer's tau grid on the source classes: once per k (seeds share it)
             for seed in seeds:
                 cross = make_datamodule(config, direction, k, seed, "test", ctx.data_root)
                 for index, category in enumerate(cross.test_categories):
@@ -693,6 +767,7 @@ def run_peer(ctx: Context, name: str) -> None:
                     try:
                         engine.fit(model=model, datamodule=data)
                         train_seconds += time.perf_counter() - start
+                        collector.normal_only = peer_normal_only(model, cross, index, calibration, rate)
                         engine.trainer.test(model=model, datamodule=data, verbose=False)
                     except Exception as exc:  # a peer failing (weights fetched lazily, ...) must not end the run
                         reason = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
@@ -700,7 +775,8 @@ def run_peer(ctx: Context, name: str) -> None:
                         ctx.recorder.add(_skip_rows(direction["name"], name, k, seed, [category], reason, prefix=""))
                         continue
                     base = {"direction": direction["name"], "model": name, "k_shot": k, "seed": seed,
-                            "threshold_from": "target test set (anomalib default val split)"}  # fmt: skip
+                            "threshold_from": "target test set (anomalib default val split)",
+                            "requested_false_alarm_rate": rate}  # fmt: skip
                     rows, examples = rows_from_collector(collector, cross, base)
                     ctx.recorder.add(rows)
                     test_seconds += collector.seconds
@@ -710,6 +786,45 @@ def run_peer(ctx: Context, name: str) -> None:
                         ctx.overlays.setdefault((direction["name"], name, k, seed), {}).update(examples)
     if test_images:
         ctx.recorder.add_speed(_speed_row(direction["name"], name, train_seconds, test_images, test_seconds, memory))
+
+
+PEER_CALIBRATION_DRAWS = 8  # each draw refits the peer k + 1 times (our models: 32 draws, no refit)
+
+
+def peer_normal_only(model, cross, index: int, calibration: dict, rate: float) -> dict[float, float]:
+    """A peer's normal-only thresholds (raw score units) on target class ``index``, per requested rate.
+
+    The same rule as our models (:mod:`anomalib_cgad.components.operating_point`): ``(location, scale)`` from
+    the k references by leave-one-out (the peer refitted on k − 1 of them), ``tau(rate)`` calibrated by
+    episodes on the source classes' normal training images (refitting the peer on each draw of k; computed
+    on the first call and kept in ``calibration``). The peer's state fitted on all k references is restored.
+    """
+    from anomalib_cgad.components.operating_point import (
+        OperatingPoint,
+        collect_normals,
+        leave_one_out_statistics,
+        normalised_normal_scores,
+    )
+    from benchmarks.peers import PeerBank
+
+    peer = PeerBank(model)
+    fitted = peer.keep()
+    transform = model.pre_processor.transform
+    device = next(model.model.parameters()).device
+    try:
+        if "point" not in calibration:
+            normals = {c: x.to(device) for c, x in collect_normals(cross.train_data, cross.category_of).items()}
+            point = OperatingPoint()
+            pooled = normalised_normal_scores(peer, normals, cross.k_shot, transform, draws=PEER_CALIBRATION_DRAWS)
+            point.set_calibration(pooled, cross.k_shot)
+            calibration["point"] = point
+        point = calibration["point"]
+        references = cross.reference_images("test", index).to(device)
+        location, scale = leave_one_out_statistics(peer, references, transform).tolist()
+    finally:
+        peer.restore(fitted)
+    rates = sorted({*REQUESTED_RATES, rate})
+    return {r: location + scale * point.tau(r) for r in rates}
 
 
 def next_run_folder(root: str | Path, name: str) -> Path:

@@ -48,8 +48,10 @@ def test_runner_writes_results_tables_and_plots(synthetic_root, tmp_path) -> Non
         (m, k) for m in ("CGAD", "PatchKNN", "Patchcore") for k in (1, 2)
     )
     assert set(ok["class"]) == set(TARGETS)
-    for column in ("image_AUROC", "pixel_AUROC", "AUPRO", "F1_transferred", "F1_oracle"):
-        assert ok[column].between(0, 1).all(), ok[column]
+    for column in ("image_AUROC", "pixel_AUROC", "AUPRO", "F1_transferred", "F1_oracle", "F1_normal_only",
+                   "false_alarm_rate", "miss_rate", "false_alarm_rate_at_0.01", "false_alarm_rate_at_0.1"):
+        assert ok[column].between(0, 1).all(), ok[column]  # every model, peers too, has a normal-only label
+    assert (ok["false_alarm_rate_at_0.01"] <= ok["false_alarm_rate_at_0.1"]).all()
     knn = ok[ok.model == "PatchKNN"]
     assert (knn.image_AUROC > 0.7).all(), knn.image_AUROC
     # the trained model is reused: only the references change with k (bank size = k, different files)
@@ -63,7 +65,9 @@ def test_runner_writes_results_tables_and_plots(synthetic_root, tmp_path) -> Non
     summary = (folder / "summary.md").read_text()
     assert "| PatchKNN |" in summary
     assert "k=1" in summary
-    for name in ("auroc_vs_k_textures_to_waves.png", "per_class_bar.png", "speed.csv", "speed.md"):
+    assert "## Normal-only operating point" in summary
+    plots = ("auroc_vs_k_textures_to_waves.png", "per_class_bar.png", "false_alarm_rate.png")
+    for name in (*plots, "speed.csv", "speed.md"):
         assert (folder / name).stat().st_size > 0, name
     assert len(list((folder / "overlays").glob("*.png"))) == 3
     speed = pd.read_csv(folder / "speed.csv")
@@ -99,6 +103,20 @@ def test_class_metrics_splits_clear_and_subtle() -> None:
     assert out["image_AUROC"] == pytest.approx(5 / 6)
     assert out["F1_transferred"] == pytest.approx(0.8)  # 2 of 3 anomalies above 25, no false positive
     assert math.isnan(out["pixel_AUROC"])
+
+
+def test_normal_only_metrics_count_false_alarms_and_misses_per_requested_rate() -> None:
+    from benchmarks.runner import normal_only_metrics
+
+    scores = torch.tensor([0.1, 0.4, 0.6, 0.9, 0.3, 0.7, 0.8])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    out = normal_only_metrics(scores, labels, {0.01: 0.85, 0.05: 0.5, 0.1: 0.35}, rate=0.05)
+    assert out["false_alarm_rate"] == pytest.approx(0.5)  # 0.6 and 0.9 of the four normals
+    assert out["miss_rate"] == pytest.approx(1 / 3)  # 0.3
+    assert out["F1_normal_only"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+    assert out["false_alarm_rate_at_0.01"] == pytest.approx(0.25)
+    assert out["false_alarm_rate_at_0.1"] == pytest.approx(0.75)  # 0.4 is above 0.35 too
+    assert math.isnan(normal_only_metrics(scores, labels, None, 0.05)["F1_normal_only"])
 
 
 def test_summary_averages_over_held_out_classes_and_flags_missing_ones() -> None:
@@ -296,3 +314,32 @@ def test_grid_tasks_run_apart_and_the_last_one_merges(synthetic_root, tmp_path, 
     assert pd.read_csv(root / "merged" / "v1" / "results.csv").equals(merged)
     with pytest.raises(ValueError, match=r"--task must be an index in 0\.\.1"):
         grid.task_index("2", 2)
+
+
+def test_merge_joins_runs_split_by_direction_and_never_overwrites(tmp_path) -> None:
+    import yaml
+
+    from benchmarks.report import merge_runs
+
+    folders = []
+    for direction, f1 in (("to_a", 0.7), ("to_b", 0.9)):
+        folder = tmp_path / direction
+        folder.mkdir()
+        config = {"name": "p", "models": ["CGAD"], "k_shot": [4], "seeds": [0], "directions": [{"name": direction}]}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        row = {"direction": direction, "model": "CGAD", "k_shot": 4, "seed": 0, "class": direction[-1],
+               "status": "ok", "image_AUROC": 0.8, "F1_oracle": 1.0, "F1_normal_only": f1, "miss_rate": 0.1,
+               "false_alarm_rate_at_0.01": 0.0, "false_alarm_rate_at_0.05": 0.05,
+               "false_alarm_rate_at_0.1": 0.1}  # fmt: skip
+        pd.DataFrame([row]).to_csv(folder / "results.csv", index=False)
+        (folder / "summary.md").write_text(f"wall time {10 * f1:.1f} min.")
+        folders.append(folder)
+    out = merge_runs(folders, tmp_path / "merged")
+    frame = pd.read_csv(out / "results.csv")
+    assert list(frame.direction) == ["to_a", "to_b"]
+    assert [d["name"] for d in yaml.safe_load((out / "config.yaml").read_text())["directions"]] == ["to_a", "to_b"]
+    summary = (out / "summary.md").read_text()
+    assert "wall time 9.0 min" in summary and "| CGAD | 0.800 ± 0.141 |" in summary
+    assert (out / "false_alarm_rate.png").stat().st_size > 0
+    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
+        merge_runs(folders, out)

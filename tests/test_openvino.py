@@ -457,3 +457,51 @@ def test_predict_ov_writes_the_scores_it_has_when_it_stops_on_a_bad_image(export
     cli_main(["bank", "--images", str(images), "--model", str(folder), "--out", str(tmp_path / "b.npz"), "--k", "4",
               "--bad-images", "skip"])  # fmt: skip
     assert Bank.load(tmp_path / "b.npz").metadata["num_refs"] == 4
+
+
+def test_operating_point_torch_and_openvino_give_the_same_labels(exported, synthetic_root, tmp_path) -> None:
+    """Same references: the same (location, scale) from both leave-one-out passes, the same labels at every
+    requested false-alarm rate, and a threshold that falls as the requested rate rises."""
+    model, _, _, folder = exported
+    inferencer = BankInferencer(folder)
+    refs = _paths(synthetic_root, "waves", "train", 2)
+    bank = inferencer.compute_bank(refs)
+    model.set_references(load_images(refs, (96, 96)))
+    torch_stats = model.operating_point.reference_stats.cpu().numpy()
+    assert np.abs(bank.reference_stats - torch_stats).max() <= TOLERANCE * max(1.0, float(np.abs(torch_stats).max()))
+    load_model_bank(model, bank.save(tmp_path / "waves.npz"))
+    queries = [*_paths(synthetic_root, "waves", "test"), *list_images(synthetic_root / "waves" / "test" / "blob")]
+    rate_before = model.false_alarm_rate
+    thresholds, flagged = [], []
+    try:
+        for rate in (0.01, 0.05, 0.1, 0.3):
+            model.false_alarm_rate = rate
+            expected = _torch_predict(model, queries).pred_label.numpy().astype(bool)
+            result = inferencer.predict(queries, bank, false_alarm_rate=rate)
+            assert np.array_equal(result["pred_label"].astype(bool).reshape(-1), expected.reshape(-1)), rate
+            raw = result["raw_score"].reshape(-1)
+            threshold = inferencer.threshold(bank, rate)
+            assert np.array_equal(raw > threshold, expected.reshape(-1)), rate  # label = raw score above threshold
+            assert abs(threshold - model.image_threshold(rate)) <= TOLERANCE * max(1.0, abs(threshold))
+            thresholds.append(threshold)
+            flagged.append(int(expected.sum()))
+    finally:
+        model.false_alarm_rate = rate_before
+    assert thresholds == sorted(thresholds, reverse=True) and thresholds[0] > thresholds[-1]
+    assert flagged == sorted(flagged)
+
+
+def test_bank_from_before_the_operating_point_is_refused_with_how_to_recompute(
+    exported, synthetic_root, tmp_path
+) -> None:
+    _, _, _, folder = exported
+    current = Bank.load(folder / "bank.npz")
+    legacy = tmp_path / "legacy.npz"
+    arrays = {f"bank_{i}": t for i, t in enumerate(current.tensors)}
+    metadata = json.dumps({**current.metadata, "format": "anomalib-cgad-bank/2"})
+    np.savez(legacy, __metadata__=np.array(metadata), **arrays)
+    with pytest.raises(BankError, match=r"before banks carried a normal-only operating point.*anomalib-cgad bank"):
+        Bank.load(legacy)
+    images = str(synthetic_root / "waves" / "test" / "good")
+    with pytest.raises(SystemExit, match=r"anomalib-cgad predict-ov: error: .*normal-only operating point"):
+        cli_main(["predict-ov", "--model", str(folder), "--bank", str(legacy), "--images", images])

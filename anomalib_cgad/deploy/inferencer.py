@@ -8,7 +8,19 @@ model with :class:`anomalib_cgad.deploy.BankExportMixin`):
 - ``bank_encoder.xml``: k reference images in [0, 1] → the bank tensors of their class;
 - ``bank_model.xml``: images in [0, 1] + bank tensors → ``pred_score``, ``pred_label``, ``anomaly_map``,
   ``pred_mask`` (pre- and post-processing embedded, as in anomalib's own IR);
-- ``bank.npz``: the bank the model held at export time; ``bank_metadata.json``: names, sizes, fingerprint.
+- ``bank.npz``: the bank the model held at export time; ``bank_metadata.json``: names, sizes, fingerprint,
+  and the model's normal-only calibration (``far_grid``/``tau_grid``, see below).
+
+**Normal-only operating point.** Every bank also holds ``reference_stats = (location, scale)`` of its class,
+computed from the k references alone by leave-one-out: each reference is scored against a bank of the other
+k − 1 (with k = 1, against its own mirror image); ``location`` is the mean of those k image scores and
+``scale`` the standard deviation of all their anomaly-map pixels. A class's good/bad threshold on the raw
+image score is ``location + scale · tau(rate)``, where ``tau(rate)`` is the ``1 − rate`` quantile of
+*normalised* normal scores ``(score − location) / scale`` measured on the model's training classes by
+episodes (each training class plays the new product: k references drawn from it, its held-out normals
+scored), so no anomalous image of the new class is needed. The bank model graph takes
+``operating_point = (location, scale, tau)`` as an input and scores ``(raw − location) / scale − tau``,
+so anomalib's post-processor, whose threshold is fixed at 0, labels every class at its own threshold.
 
 Onboarding a new product = :meth:`BankInferencer.compute_bank` on k normal images, :meth:`Bank.save`,
 then :meth:`BankInferencer.predict` with that bank. No re-export, no retraining.
@@ -50,7 +62,13 @@ BANK_MODEL = "bank_model"
 BANK_ENCODER = "bank_encoder"
 BANK_FILE = "bank.npz"
 METADATA = "bank_metadata.json"
-BANK_FORMAT = "anomalib-cgad-bank/2"
+BANK_FORMAT = "anomalib-cgad-bank/3"
+LEGACY_BANK_FORMATS = ("anomalib-cgad-bank/2",)  # banks written before the normal-only operating point
+OPERATING_POINT = "operating_point"  # the bank model graph's input (location, scale, tau)
+DEFAULT_FALSE_ALARM_RATE = 0.05
+# Requested false-alarm rates at which the calibration stores tau (the 1 - rate quantile); other rates are
+# interpolated linearly in log(rate).
+FAR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Metadata keys a bank must share with the model that uses it.
@@ -150,6 +168,83 @@ class BankError(ValueError):
     """A reference bank file is unreadable or does not fit the model that should use it."""
 
 
+def check_false_alarm_rate(rate: float) -> float:
+    """Return ``rate`` as a float; raise ``ValueError`` unless it lies in ``[0.001, 0.5]`` (the calibrated grid)."""
+    rate = float(rate)
+    if not FAR_GRID[0] <= rate <= FAR_GRID[-1]:
+        msg = f"false_alarm_rate must lie in [{FAR_GRID[0]}, {FAR_GRID[-1]}] (a share of normal images), got {rate}."
+        raise ValueError(msg)
+    return rate
+
+
+def leave_one_out_sets(k: int) -> list[tuple[int, list[int] | None]]:
+    """``(held-out reference, the references its bank is built from)`` for each of k references.
+
+    ``None`` (k = 1): the bank is built from the held-out reference's horizontal mirror image, the only
+    "other normal image" one reference gives.
+
+    Example:
+        >>> leave_one_out_sets(3)
+        [(0, [1, 2]), (1, [0, 2]), (2, [0, 1])]
+    """
+    if k == 1:
+        return [(0, None)]
+    return [(i, [j for j in range(k) if j != i]) for i in range(k)]
+
+
+def reference_statistics(scores: Sequence[float], maps: Sequence[np.ndarray]) -> np.ndarray:
+    """``(location, scale)`` of a class from its references' leave-one-out image scores and maps.
+
+    ``location`` = mean leave-one-out image score; ``scale`` = standard deviation of every pixel of the
+    leave-one-out anomaly maps. The image score is the maximum of the map, so its spread over normal images
+    grows with the spread of the map (for a maximum of n near-Gaussian values, location ≈ μ + a_n·σ and
+    spread ≈ b_n·σ): the pixel standard deviation is that spread measured on k·H·W values, far steadier
+    than the standard deviation of k = 4 image scores.
+    """
+    pixels = np.concatenate([np.asarray(m, dtype=np.float64).reshape(-1) for m in maps])
+    scale = max(float(pixels.std()), 1e-6)
+    return np.array([float(np.mean(np.asarray(scores, dtype=np.float64))), scale], dtype=np.float32)
+
+
+def calibrated_tau(far_grid: Sequence[float], tau_grid: Sequence[float], rate: float) -> float:
+    """``tau(rate)``: the calibration's normalised threshold at ``rate``, interpolated in ``log(rate)``.
+
+    Example:
+        >>> calibrated_tau([0.01, 0.1], [3.0, 1.0], 0.1)
+        1.0
+    """
+    taus = np.asarray(tau_grid, dtype=np.float64)
+    if taus.size == 0 or not np.isfinite(taus).all():
+        msg = (
+            "The model has no calibrated operating point (it was trained or exported before the normal-only "
+            "operating point existed). Recalibrate it on its training classes: "
+            "model.calibrate_operating_point(datamodule)."
+        )
+        raise BankError(msg)
+    low, weight = interpolation_weights(far_grid, rate)
+    return float(taus[low] * (1 - weight) + taus[min(low + 1, len(taus) - 1)] * weight)
+
+
+def interpolation_weights(far_grid: Sequence[float], rate: float) -> tuple[int, float]:
+    """``(i, w)`` with ``log(rate) = (1 − w)·log(grid[i]) + w·log(grid[i + 1])`` (plain numbers, so a torch
+    model applies them to its ``tau_grid`` buffer without a data-dependent step while exporting)."""
+    rate = check_false_alarm_rate(rate)
+    logs = np.log(np.asarray(far_grid, dtype=np.float64))
+    low = int(np.clip(np.searchsorted(logs, np.log(rate), side="right") - 1, 0, len(logs) - 2))
+    weight = float(np.clip((np.log(rate) - logs[low]) / (logs[low + 1] - logs[low]), 0.0, 1.0))
+    return low, weight
+
+
+def normal_quantiles(normalised: Sequence[float], far_grid: Sequence[float] = FAR_GRID) -> np.ndarray:
+    """``tau`` at each rate of ``far_grid``: the ``1 − rate`` quantile of pooled normalised normal scores.
+
+    Made non-increasing in the rate (a higher accepted false-alarm rate never raises the threshold).
+    """
+    values = np.asarray(normalised, dtype=np.float64)
+    taus = np.quantile(values, 1.0 - np.asarray(far_grid, dtype=np.float64))
+    return np.minimum.accumulate(taus).astype(np.float32)
+
+
 @dataclass
 class Bank:
     """The reference bank of one class: a list of arrays plus what they were computed with.
@@ -157,6 +252,8 @@ class Bank:
     Args:
         tensors (list[np.ndarray]): the bank tensors in the model's order (CGAD: levels, then ``scale``).
         metadata (dict): model name, fingerprint of the weights, backbone, layers, image size, ``num_refs``.
+        reference_stats (np.ndarray): ``(location, scale)`` of the class's leave-one-out scores, the class's
+            normal-only operating point (module docstring). Defaults to ``(0, 1)``.
 
     Example:
         >>> bank = Bank([np.zeros((4, 2), np.float32)], {"model": "ResAD"})
@@ -166,6 +263,7 @@ class Bank:
 
     tensors: list[np.ndarray]
     metadata: dict = field(default_factory=dict)
+    reference_stats: np.ndarray = field(default_factory=lambda: np.array([0.0, 1.0], dtype=np.float32))
 
     @property
     def num_rows(self) -> list[int]:
@@ -196,7 +294,8 @@ class Bank:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"bank_{i}": np.ascontiguousarray(t, dtype=np.float32) for i, t in enumerate(self.tensors)}
         metadata = {**self.metadata, "format": BANK_FORMAT}
-        np.savez(path, __metadata__=np.array(json.dumps(metadata)), **arrays)
+        stats = np.asarray(self.reference_stats, dtype=np.float32).reshape(2)
+        np.savez(path, __metadata__=np.array(json.dumps(metadata)), reference_stats=stats, **arrays)
         return path
 
     @classmethod
@@ -216,6 +315,7 @@ class Bank:
                 metadata = json.loads(str(data["__metadata__"]))
                 names = sorted((k for k in data.files if k.startswith("bank_")), key=lambda k: int(k.split("_")[1]))
                 tensors = [np.asarray(data[name], dtype=np.float32) for name in names]
+                stats = np.asarray(data["reference_stats"], dtype=np.float32) if "reference_stats" in data else None
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError: ValueError
             if path.stat().st_size == 0:
                 reason = "the file is empty"
@@ -225,10 +325,18 @@ class Bank:
                 reason = f"{type(exc).__name__}: {exc}"
             msg = f"'{path}' is not a reference bank file written by anomalib-cgad (truncated or damaged?): {reason}"
             raise BankError(msg) from exc
-        if metadata.get("format") != BANK_FORMAT or not tensors:
+        if metadata.get("format") in LEGACY_BANK_FORMATS:
+            msg = (
+                f"'{path}' was written before banks carried a normal-only operating point (format "
+                f"{metadata.get('format')!r}), so it cannot label images. Recompute it from the class's k normal "
+                "images: 'anomalib-cgad bank --images DIR --model EXPORT --out NEW.npz', "
+                "BankInferencer.compute_bank, or set_references + anomalib_cgad.deploy.save_model_bank."
+            )
+            raise BankError(msg)
+        if metadata.get("format") != BANK_FORMAT or not tensors or stats is None or stats.shape != (2,):
             msg = f"'{path}' is not an anomalib-cgad bank file (format {metadata.get('format')!r})."
             raise BankError(msg)
-        return cls(tensors, metadata)
+        return cls(tensors, metadata, stats)
 
     def check(self, expected: dict, source: str = "the bank") -> None:
         """Raise :class:`BankError` naming every compatibility key where the bank differs from ``expected``."""
@@ -244,6 +352,10 @@ class Bank:
             if not np.isfinite(tensor).all():
                 msg = f"{source}: bank_{i} holds NaN or inf values."
                 raise BankError(msg)
+        stats = np.asarray(self.reference_stats, dtype=np.float32).reshape(-1)
+        if stats.shape != (2,) or not np.isfinite(stats).all() or stats[1] <= 0:
+            msg = f"{source}: reference_stats must be a finite (location, scale > 0) pair, got {stats.tolist()}."
+            raise BankError(msg)
 
 
 def _plain(value: object) -> object:
@@ -536,13 +648,51 @@ class BankInferencer:
         """The bank metadata this export expects (what :meth:`Bank.check` compares)."""
         return {key: self.metadata[key] for key in COMPATIBILITY_KEYS if key in self.metadata} | {"format": BANK_FORMAT}
 
+    @property
+    def false_alarm_rate(self) -> float:
+        """The requested false-alarm rate the model was exported with (the default of :meth:`predict`)."""
+        return float(self.metadata.get("false_alarm_rate", DEFAULT_FALSE_ALARM_RATE))
+
+    def tau(self, false_alarm_rate: float | None = None) -> float:
+        """Normalised threshold ``tau`` at a requested false-alarm rate (the export's calibration).
+
+        Raises:
+            BankError: the export holds no calibration (see :func:`calibrated_tau`).
+        """
+        rate = self.false_alarm_rate if false_alarm_rate is None else false_alarm_rate
+        return calibrated_tau(self.metadata.get("far_grid", FAR_GRID), self.metadata.get("tau_grid", []), rate)
+
+    def threshold(self, bank: Bank, false_alarm_rate: float | None = None) -> float:
+        """The class's threshold on the raw image score: ``location + scale · tau(rate)``."""
+        location, scale = (float(v) for v in np.asarray(bank.reference_stats).reshape(2))
+        return location + scale * self.tau(false_alarm_rate)
+
     def compute_bank(self, images: str | Path | Sequence[str | Path] | np.ndarray) -> Bank:
         """Compute the bank of a class from its normal images (files, a folder, or a float [0, 1] array).
 
+        The bank's ``reference_stats`` come from leave-one-out passes of the same two graphs (module
+        docstring): k + 1 encoder runs and k single-image scoring runs.
+
         Returns:
-            Bank: tensors + metadata (``num_refs`` = number of images used).
+            Bank: tensors + metadata (``num_refs`` = number of images used) + ``reference_stats``.
         """
         batch = as_batch(images, self.image_size)
+        scores, maps = [], []
+        neutral = np.array([0.0, 1.0, 0.0], dtype=np.float32)  # raw scores: location 0, scale 1, tau 0
+        for held, others in leave_one_out_sets(int(batch.shape[0])):
+            refs = batch[others] if others is not None else np.ascontiguousarray(batch[held : held + 1, :, :, ::-1])
+            outputs = self._score(batch[held : held + 1], self._encode(refs), neutral)
+            scores.append(float(np.asarray(outputs["raw_score"]).reshape(-1)[0]))
+            maps.append(np.asarray(outputs["raw_map"]))
+        stats = reference_statistics(scores, maps)
+        return Bank(self._encode(batch), {**self.expected_metadata(), "num_refs": int(batch.shape[0])}, stats)
+
+    def _score(self, batch: np.ndarray, tensors: Sequence[np.ndarray], operating_point: np.ndarray) -> dict:
+        outputs = self.model([batch, *tensors, operating_point])
+        names = [*self.metadata["output_names"], *self.metadata.get("raw_output_names", [])]
+        return {name: outputs[i] for i, name in enumerate(names)}
+
+    def _encode(self, batch: np.ndarray) -> list[np.ndarray]:
         outputs = self.encoder(batch)
         tensors = [np.asarray(outputs[i], dtype=np.float32) for i in range(len(self.metadata["bank_names"]))]
         fraction = float(self.metadata.get("reference_coreset", 1.0))
@@ -550,7 +700,7 @@ class BankInferencer:
             cosine = self.metadata.get("matching") == "cosine"
             for level in range(len(self.metadata["layers"])):
                 tensors[level] = tensors[level][coreset_indices(tensors[level], fraction, cosine)]
-        return Bank(tensors, {**self.expected_metadata(), "num_refs": int(batch.shape[0])})
+        return tensors
 
     def check_bank(self, bank: Bank) -> None:
         """Raise :class:`BankError` if ``bank`` was built for another model, backbone or image size."""
@@ -573,20 +723,25 @@ class BankInferencer:
         self,
         images: str | Path | Sequence[str | Path] | np.ndarray,
         bank: Bank | str | Path | None = None,
+        false_alarm_rate: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Score images against a bank.
+        """Score and label images against a bank, at the class's normal-only operating point.
 
         Args:
             images: files, a folder, or a float [0, 1] ``(N, 3, H, W)`` array (resized to :attr:`image_size`).
             bank (Bank | str | Path | None): the bank or its ``.npz`` file; ``None`` = :attr:`default_bank`.
+            false_alarm_rate (float | None): requested share of normal images labelled anomalous; ``None`` =
+                the export's (:attr:`false_alarm_rate`).
 
         Returns:
             dict[str, np.ndarray]: ``pred_score`` ``(N,)``, ``pred_label`` ``(N,)``, ``anomaly_map`` and
-            ``pred_mask`` ``(N, 1, H, W)``, as anomalib's post-processor produces them.
+            ``pred_mask`` ``(N, 1, H, W)``, as anomalib's post-processor produces them (the label is
+            ``raw score > location + scale · tau``), plus ``raw_score`` ``(N,)`` and ``raw_map``, the model's
+            scores before the operating point and post-processing.
         """
         bank = self.default_bank if bank is None else bank
         bank = Bank.load(bank) if isinstance(bank, str | Path) else bank
         self.check_bank(bank)
-        batch = as_batch(images, self.image_size)
-        outputs = self.model([batch, *bank.tensors])
-        return {name: outputs[i] for i, name in enumerate(self.metadata["output_names"])}
+        location, scale = (float(v) for v in np.asarray(bank.reference_stats).reshape(2))
+        operating_point = np.array([location, scale, self.tau(false_alarm_rate)], dtype=np.float32)
+        return self._score(as_batch(images, self.image_size), bank.tensors, operating_point)

@@ -8,8 +8,12 @@ make the bank a run-time input:
 1. ``bank_encoder.xml``: k images ``(k, 3, H, W)`` in [0, 1] → the bank tensors of that class
    (pre-processing embedded; for CGAD this includes the references' leave-one-out normaliser ``scale = (mu, sigma)``);
 2. ``bank_model.xml``: images ``(B, 3, H, W)`` in [0, 1] + the bank tensors (each with a dynamic row count)
-   → ``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask`` (pre- and post-processing embedded);
-3. ``bank.npz`` (the bank held at export time) and ``bank_metadata.json``.
+   + ``operating_point = (location, scale, tau)`` → ``pred_score``, ``pred_label``, ``anomaly_map``,
+   ``pred_mask`` (pre- and post-processing embedded; scores are ``(raw − location) / scale − tau`` before the
+   post-processor, whose threshold is 0) and ``raw_score``, ``raw_map`` (before the operating point, which
+   the inferencer's leave-one-out pass needs);
+3. ``bank.npz`` (the bank held at export time) and ``bank_metadata.json`` (with the model's calibration
+   ``far_grid`` / ``tau_grid`` and its ``false_alarm_rate``).
 
 :class:`~anomalib_cgad.deploy.inferencer.BankInferencer` runs them without torch. The ``.npz`` bank format
 is shared with the torch models: :func:`save_model_bank` / :func:`load_model_bank` move banks between a
@@ -38,6 +42,7 @@ import torch
 from anomalib.models.components import AnomalibModule
 from torch import nn
 
+from anomalib_cgad.components.operating_point import apply_operating_point
 from anomalib_cgad.deploy.inferencer import (
     BANK_ENCODER,
     BANK_FILE,
@@ -45,6 +50,7 @@ from anomalib_cgad.deploy.inferencer import (
     BANK_MODEL,
     IR_KEY,
     METADATA,
+    OPERATING_POINT,
     Bank,
     BankError,
     ir_digest,
@@ -70,11 +76,13 @@ class _BankModel(nn.Module):
         self.post = module.post_processor
         self.training = module.model.training  # the wrapper's own flag only (the exporter warns on it)
 
-    def forward(self, image: torch.Tensor, *bank: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, image: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *bank, operating_point = inputs
         batch = self.pre(image) if self.pre is not None else image
-        batch = self.model.forward_with_bank(batch, list(bank))
+        raw = self.model.forward_with_bank(batch, list(bank))
+        batch = apply_operating_point(raw, operating_point)
         batch = self.post(batch) if self.post is not None else batch
-        return tuple(value for value in batch if value is not None)
+        return (*(value for value in batch if value is not None), raw.pred_score, raw.anomaly_map)
 
 
 class _BankEncoder(nn.Module):
@@ -133,7 +141,8 @@ def model_bank(module: AnomalibModule) -> Bank:
         msg = "The model holds no reference bank: call set_references(images) or validate/test it on a class first."
         raise BankError(msg)
     num_refs = int(getattr(module.model.bank, "num_refs", torch.tensor(0)))
-    return Bank([t.numpy() for t in tensors], {**bank_metadata(module), "num_refs": num_refs})
+    stats = module.operating_point.reference_stats.detach().cpu().float().numpy()
+    return Bank([t.numpy() for t in tensors], {**bank_metadata(module), "num_refs": num_refs}, stats)
 
 
 def save_model_bank(module: AnomalibModule, path: str | Path, overwrite: bool = False) -> Path:
@@ -155,7 +164,7 @@ def set_model_bank(module: AnomalibModule, bank: Bank | Sequence[np.ndarray | to
     if isinstance(bank, Bank):
         bank.check(bank_metadata(module))
         tensors = bank.tensors
-    else:
+    else:  # bare tensors carry no operating point: recompute it with set_references(images) or use a Bank
         tensors = list(bank)
     torch_model = module.model
     current = torch_model.bank_tensors()
@@ -174,6 +183,8 @@ def set_model_bank(module: AnomalibModule, bank: Bank | Sequence[np.ndarray | to
     torch_model.bank.set_tensors([t.to(device) for t in levels], num_refs=num_refs)
     if extra:  # CGAD: the references' leave-one-out score
         torch_model.scale = extra[0].reshape(-1).to(device)
+    if isinstance(bank, Bank):
+        module.operating_point.reference_stats = torch.as_tensor(bank.reference_stats).float().reshape(2).to(device)
 
 
 def load_model_bank(module: AnomalibModule, path: str | Path) -> Bank:
@@ -313,13 +324,15 @@ def export_swappable_bank(
     # Bank levels (rows, C) get a dynamic row count (k·H·W patches); CGAD's (2,) scale (mu, sigma) stays static.
     bank_dims = tuple({0: torch.export.Dim(f"rows_{i}")} if t.ndim == 2 else None for i, t in enumerate(bank.tensors))
     bank_args = tuple(torch.from_numpy(t).to(device) for t in bank.tensors)
+    operating_point = module.operating_point.vector(module.false_alarm_rate).to(device)
+    raw_output_names = ["raw_score", "raw_map"]
     with torch.no_grad():
         _convert(
             _BankModel(module),
-            (image, *bank_args),
-            (image_dims, bank_dims),
-            ["image", *bank_names],
-            output_names,
+            (image, *bank_args, operating_point),
+            (image_dims, (*bank_dims, None)),
+            ["image", *bank_names, OPERATING_POINT],
+            [*output_names, *raw_output_names],
             targets[0],
             compress_to_fp16,
         )
@@ -333,6 +346,11 @@ def export_swappable_bank(
         "k_shot": int(getattr(module, "k_shot", bank.metadata.get("num_refs", 1))),
         "bank_names": bank_names,
         "output_names": output_names,
+        "raw_output_names": raw_output_names,
+        "false_alarm_rate": float(module.false_alarm_rate),
+        "far_grid": module.operating_point.far_grid.tolist(),
+        "tau_grid": module.operating_point.tau_grid.tolist(),
+        "calibrated_k": int(module.operating_point.calibrated_k),
         "input_size": list(input_size) if input_size else None,
     }
     if anomalib_ir is not None:

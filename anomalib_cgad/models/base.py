@@ -21,7 +21,13 @@ Images read by anomalib's datasets pass through the plugin's input policy (:func
 so 16-bit files score like their 8-bit copies everywhere; see ``README.md``, "Bad input".
 
 References are collected in ``on_*_start`` and the step hooks, never in ``setup()``: Lightning restores a
-checkpoint after ``setup()``, which would silently replace the new class's bank (anomalib.md §3.4).
+checkpoint after ``setup()``, which would silently replace the new class's bank.
+
+3. labels every class at its **normal-only operating point** (:mod:`anomalib_cgad.components.operating_point`):
+   setting the references also computes the class's leave-one-out ``(location, scale)``; the model's ``tau``
+   per requested false-alarm rate is calibrated at the start of every validation while fitting, by episodes
+   on the training classes (:meth:`ReferenceMixin.calibrate_operating_point`); scores leave the model as
+   ``(raw − location) / scale − tau(false_alarm_rate)`` and the post-processor's threshold is fixed at 0.
 """
 
 from __future__ import annotations
@@ -41,6 +47,16 @@ from anomalib.pre_processing import PreProcessor
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_cgad.components.operating_point import (
+    DEFAULT_FALSE_ALARM_RATE,
+    OperatingPoint,
+    OperatingPointPostProcessor,
+    apply_operating_point,
+    check_false_alarm_rate,
+    collect_normals,
+    leave_one_out_statistics,
+    normalised_normal_scores,
+)
 from anomalib_cgad.components.training_pool import TrainingPool
 from anomalib_cgad.console import quiet_frozen_backbone_warning
 from anomalib_cgad.deploy.inferencer import (
@@ -284,19 +300,70 @@ class ReferenceMixin:
         return LearningType.ONE_CLASS
 
     def configure_post_processor(self) -> PostProcessor:
-        """anomalib's post-processor: F1-adaptive threshold learned on the source classes' validation."""
-        return PostProcessor()
+        """anomalib's post-processor with its threshold fixed at 0: the normal-only operating point of each class."""
+        return OperatingPointPostProcessor()
 
-    def _init_references(self) -> None:
+    def _init_references(self, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> None:
         self._bank_key: tuple[str, int] | None = None
         self.training_pool: TrainingPool | None = None
         # The training classes and the bank of the checkpoint this model was loaded from (see _ensure_bank).
         self._checkpoint_classes: list[str] = []
         self._checkpoint_bank: dict[str, torch.Tensor] = {}
+        self.false_alarm_rate = check_false_alarm_rate(false_alarm_rate)
+        self.operating_point = OperatingPoint()
+
+    # ----------------------------------------------------------------- operating point
+    def calibrate_operating_point(self, datamodule=None, k: int | None = None, seed: int = 0) -> None:
+        """Calibrate ``tau`` per requested false-alarm rate on the training classes' normal images.
+
+        Episodes: each training class in turn plays the new product (k of its normal training images are the
+        references, the others are scored and normalised by the references' leave-one-out statistics);
+        the pooled normalised scores give ``tau(rate)``, their ``1 − rate`` quantile. Runs automatically at
+        the start of every validation while fitting; call it yourself to recalibrate a loaded model (e.g. a
+        checkpoint from before the operating point) or for another ``k``.
+
+        Args:
+            datamodule: a set-up datamodule with ``train_data`` (default: the trainer's).
+            k (int | None): references per episode. Defaults to ``k_shot``.
+            seed (int): seed of the reference draws. Defaults to ``0``.
+        """
+        datamodule = datamodule if datamodule is not None else self.trainer.datamodule
+        k = int(k or self.k_shot)
+        resolver = self._category_resolver(datamodule)
+        normals = collect_normals(datamodule.train_data, resolver)
+        device = self.device
+        normals = {name: images.to(device) for name, images in normals.items()}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            pooled = normalised_normal_scores(self.model, normals, k, self.pre_processor.transform, seed=seed)
+        finally:
+            self.model.train(was_training)
+        self.operating_point.set_calibration(pooled, k)
+        logger.info(
+            "Operating point of %s calibrated on %d training classes (%d normalised normal scores, k=%d): "
+            "tau(%.3g) = %.3f.", type(self).__name__, len(normals), len(pooled), k, self.false_alarm_rate,
+            self.operating_point.tau(self.false_alarm_rate),
+        )  # fmt: skip
+
+    def forward(self, batch: torch.Tensor, *args, **kwargs):
+        """anomalib's forward (pre-processor → model → post-processor) with the operating point before the post.
+
+        Used by anomalib's exporters (``model.xml`` freezes the current class's operating point with its bank)
+        and by direct calls on image tensors.
+        """
+        del args, kwargs
+        batch = self.pre_processor(batch) if self.pre_processor else batch
+        batch = apply_operating_point(self.model(batch), self.operating_point.vector(self.false_alarm_rate))
+        return self.post_processor(batch) if self.post_processor else batch
+
+    def image_threshold(self, false_alarm_rate: float | None = None) -> float:
+        """The current class's threshold on the raw image score at a requested false-alarm rate."""
+        return self.operating_point.threshold(self.false_alarm_rate if false_alarm_rate is None else false_alarm_rate)
 
     # ----------------------------------------------------------------- training side
-    def _category_resolver(self):
-        datamodule = getattr(self.trainer, "datamodule", None)
+    def _category_resolver(self, datamodule=None):
+        datamodule = datamodule if datamodule is not None else getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "category_of"):
             return datamodule.category_of
         samples = getattr(getattr(datamodule, "train_data", None), "samples", None)
@@ -377,8 +444,16 @@ class ReferenceMixin:
         if bad:
             msg = f"Reference images {bad} (of {len(images)}) contain NaN or inf pixel values."
             raise NonFiniteError(msg)
+        images = images.to(self.device)
         with torch.no_grad():
-            self.model.set_reference(self.pre_processor.transform(images.to(self.device)))
+            self.model.set_reference(self.pre_processor.transform(images))
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                stats = leave_one_out_statistics(self.model, images, self.pre_processor.transform)
+            finally:
+                self.model.train(was_training)
+        self.operating_point.reference_stats = stats.to(self.device)
 
     def _ensure_bank(self, stage: str, dataloader_idx: int) -> None:
         key = (stage, dataloader_idx)
@@ -498,8 +573,19 @@ class ReferenceMixin:
             self.hparams["k_shot"] = data_k
 
     def on_validation_start(self) -> None:
-        """Forget the bank key so the first validation batch sets the references of its class."""
+        """Forget the bank key; (re)calibrate the operating point on the training classes first when needed.
+
+        Needed: while fitting (the weights changed), or when the model has no calibration for its ``k_shot``
+        (a training-free model validated by ``Engine.fit``, or ``k_shot`` changed since the last one).
+        """
         self._bank_key = None
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if trainer.sanity_checking or getattr(datamodule, "train_data", None) is None:
+            return
+        stale = not self.operating_point.calibrated or int(self.operating_point.calibrated_k) != int(self.k_shot)
+        if trainer.state.fn == "fit" or stale:
+            self.calibrate_operating_point(datamodule)
 
     def on_test_start(self) -> None:
         """Forget the bank key so the first test batch sets the references of its class."""
@@ -545,7 +631,7 @@ class ReferenceMixin:
         # anomalib's readers clipped 16-bit files to white before the pre-processor ran: re-read them.
         batch.image = reread_wide_images(batch.image, batch.image_path, self.pre_processor.transform)
         _check_finite(batch.image, batch.image_path, "contain NaN or inf pixel values")
-        output = self.model(batch.image)
+        output = apply_operating_point(self.model(batch.image), self.operating_point.vector(self.false_alarm_rate))
         _check_finite(
             output.pred_score,
             batch.image_path,
@@ -564,6 +650,7 @@ class ReferenceMixin:
             "model": type(self).__name__,
             "bank": {**metadata, "image_size": list(self.reference_image_size()), "k": int(self.model.bank.num_refs)},
             "classes": sorted(self.training_pool.classes) if self.training_pool else list(self._checkpoint_classes),
+            "false_alarm_rate": self.false_alarm_rate,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -577,6 +664,7 @@ class ReferenceMixin:
         """
         tag = self._check_checkpoint_tag(checkpoint)
         state = checkpoint.get("state_dict", {})
+        self._add_missing_operating_point(state)
         self._check_state_dict(state, tagged=tag is not None)
         self._checkpoint_classes = [str(c) for c in (tag or {}).get("classes", [])]
         self._checkpoint_bank = {key: value for key, value in state.items() if ".bank." in key}
@@ -641,6 +729,28 @@ class ReferenceMixin:
                 f"and building {cls.__name__} from it failed: {type(exc).__name__}: {exc}"
             )
             raise CheckpointMismatchError(msg) from exc
+
+    def _add_missing_operating_point(self, state: dict[str, torch.Tensor]) -> None:
+        """A checkpoint from before the normal-only operating point loads with a warning that says how to add one.
+
+        Its missing buffers get the "not calibrated" values (labels then use ``tau = 0``, the threshold at the
+        references' mean leave-one-out score) and its learned post-processor thresholds are replaced by 0,
+        the threshold of the scores this version outputs.
+        """
+        missing = [key for key in self.operating_point.state_dict() if f"operating_point.{key}" not in state]
+        if not missing:
+            return
+        for key, value in self.operating_point.state_dict().items():
+            state.setdefault(f"operating_point.{key}", value.clone())
+        for key in ("post_processor._image_threshold", "post_processor._pixel_threshold"):
+            if key in state:
+                state[key] = torch.zeros_like(state[key])
+        logger.warning(
+            "This %s checkpoint was saved before the normal-only operating point existed: it has no calibrated "
+            "threshold, so labels use the references' mean leave-one-out score. Recalibrate it on its training "
+            "classes with model.calibrate_operating_point(datamodule) (or retrain), then save it again.",
+            type(self).__name__,
+        )
 
     def _check_state_dict(self, state: dict[str, torch.Tensor], tagged: bool) -> None:
         """Compare weight names and shapes (reference-bank buffers resize, so their shapes are not compared)."""

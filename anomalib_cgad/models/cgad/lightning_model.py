@@ -56,6 +56,8 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
         k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
         few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
+        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
+            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"`` (ResAD's released code; measured
             better than ``"l2"`` on ELPV, see the model README).
         residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
@@ -99,6 +101,7 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         k_shot: int | None = None,
         k_choices: Sequence[int] = (1, 2, 4, 8),
         few_shot_source: str | None = None,
+        false_alarm_rate: float = 0.05,
         matching: str = "cosine",
         residual: str = "sq_diff",
         coupling_blocks: int = 8,
@@ -165,7 +168,7 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             normalise_by_references=normalise_by_references,
             reference_coreset=reference_coreset,
         )
-        self._init_references()
+        self._init_references(false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner (constraintor + flow), outer (flow) and calibration (``b``, ``T``) optimisers."""

@@ -49,6 +49,8 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
         k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
         few_shot_source (str | None): folder of reference images. Defaults to ``None``.
+        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
+            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         input_mode (str): ``"residual"`` or ``"raw"``. Defaults to ``"residual"``.
         inner_mode (str): ``"one_class"`` or ``"supervised"``. Defaults to ``"one_class"``.
         outer (bool): run the outer level. Defaults to ``True``.
@@ -87,6 +89,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         k_shot: int | None = None,
         k_choices: Sequence[int] = (1, 2, 4, 8),
         few_shot_source: str | None = None,
+        false_alarm_rate: float = 0.05,
         input_mode: str = "residual",
         inner_mode: str = "one_class",
         outer: bool = True,
@@ -155,7 +158,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             head=head,
             score=score,
         )
-        self._init_references()
+        self._init_references(false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner AdamW (encoder, decoder, head), outer Adam (head, last encoder layer) and a T-only Adam."""

@@ -87,6 +87,8 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
         train_k_shot (int): references drawn per training query. Defaults to ``4``.
         few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
+        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
+            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         coupling_blocks (int): flow blocks per level. Defaults to ``8``.
         condition_dim (int): positional-code length. Defaults to ``128``.
         lr (float): Adam learning rate of constraintor and flows. Defaults to ``2e-4``.
@@ -136,6 +138,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         k_shot: int | None = None,
         train_k_shot: int = 4,
         few_shot_source: str | None = None,
+        false_alarm_rate: float = 0.05,
         coupling_blocks: int = 8,
         condition_dim: int = 128,
         lr: float = 2e-4,
@@ -214,7 +217,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         self._boundaries = [BoundaryEMA() for _ in self.model.backbone.channels]
         self._epoch_logp_max: torch.Tensor | None = None
         self._codebook_generator: torch.Generator | None = None
-        self._init_references()
+        self._init_references(false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One Adam for the constraintor, one for the flows (the flow sees detached features; resad.md §7).

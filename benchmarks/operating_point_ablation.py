@@ -1,0 +1,140 @@
+"""Which per-class normalisation makes the normal-only threshold transfer? Re-scored from a trained checkpoint.
+
+The shipped rule (``anomalib_cgad.components.operating_point``) normalises a class's scores by
+``(location, scale)`` from its k references' leave-one-out (LOO) passes. This script scores, once, everything
+the rule needs with a trained model (the calibration episodes on the source classes' normal training images,
+and each reference draw of the unseen class with its test images), then evaluates several ``(location,
+scale)`` choices on the same raw scores:
+
+- ``pixel_std`` (shipped): location = mean LOO image score, scale = standard deviation of the LOO map pixels;
+- ``image_std``: location = mean LOO image score, scale = standard deviation of the k LOO image scores;
+- ``shift``: location = mean LOO image score, scale = 1 (``tau`` in raw score units);
+- ``global``: location 0, scale 1 (one threshold for every class: the source classes' normal quantile).
+
+Example:
+    $ python -m benchmarks.operating_point_ablation --checkpoint .../model.ckpt --model CGAD \\
+        --direction mono_to_poly --out benchmarks/results/operating_point_ablation/cgad_mono_to_poly.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomalib_cgad.components.operating_point import collect_normals
+from anomalib_cgad.deploy.inferencer import FAR_GRID, calibrated_tau, leave_one_out_sets, normal_quantiles
+
+RATES = (0.01, 0.05, 0.1)
+VARIANTS = ("pixel_std", "image_std", "shift", "global")
+
+
+@torch.no_grad()
+def loo_parts(model, images: torch.Tensor, transform) -> tuple[np.ndarray, float]:
+    """The k LOO image scores and the pixel standard deviation of the LOO maps (raw model scores)."""
+    scores, pixels = [], []
+    for held, others in leave_one_out_sets(len(images)):
+        refs = images[others] if others is not None else images[held : held + 1].flip(-1)
+        output = model.forward_with_bank(transform(images[held : held + 1]), model.compute_bank(transform(refs)))
+        scores.append(float(output.pred_score.reshape(-1)[0]))
+        pixels.append(output.anomaly_map.float().reshape(-1).numpy())
+    return np.array(scores), float(np.concatenate(pixels).std())
+
+
+def normalisation(variant: str, scores: np.ndarray, pixel_std: float) -> tuple[float, float]:
+    """``(location, scale)`` of a class under ``variant``."""
+    if variant == "global":
+        return 0.0, 1.0
+    location = float(scores.mean())
+    if variant == "pixel_std":
+        return location, max(pixel_std, 1e-6)
+    if variant == "image_std":
+        return location, max(float(scores.std(ddof=1)) if len(scores) > 1 else pixel_std, 1e-6)
+    return location, 1.0
+
+
+@torch.no_grad()
+def score(model, images: torch.Tensor, bank, transform, batch: int = 32) -> np.ndarray:
+    """Raw image scores of ``images`` against ``bank``."""
+    parts = [model.forward_with_bank(transform(images[i : i + batch]), bank) for i in range(0, len(images), batch)]
+    return torch.cat([part.pred_score for part in parts]).numpy()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Score once, evaluate every variant; return one row per (variant, seed).
+
+    The data are the benchmark's (``runner.make_datamodule`` of the preset's direction: the same references
+    and the same fixed test subsample); the calibration uses ``--draws`` draws of ``--normals`` images.
+    """
+    import anomalib_cgad
+    from benchmarks.runner import _f1, load_config, make_datamodule
+
+    torch.set_num_threads(1)
+    config = load_config(preset=args.preset)
+    config["max_eval_per_class"] = args.max_eval_per_class
+    direction = next(d for d in config["directions"] if d["name"] == args.direction)
+    module = getattr(anomalib_cgad, args.model).load_from_checkpoint(args.checkpoint).eval()
+    model, transform = module.model.eval(), module.pre_processor.transform
+    generator = torch.Generator().manual_seed(0)
+    calibration = []  # (LOO scores, pixel std, held-out raw scores) per draw
+    dm = make_datamodule(config, direction, args.k, args.seeds[0], "test")
+    for images in collect_normals(dm.train_data, dm.category_of, limit=args.normals).values():
+        for _ in range(args.draws):
+            order = torch.randperm(len(images), generator=generator)
+            refs, held_out = images[order[: args.k]], images[order[args.k :]]
+            loo, pixel_std = loo_parts(model, refs, transform)
+            calibration.append((loo, pixel_std, score(model, held_out, model.compute_bank(transform(refs)), transform)))
+    rows = []
+    for seed in args.seeds:
+        dm = make_datamodule(config, direction, args.k, seed, "test")
+        test = dm.test_data
+        images = torch.stack([test[i].image for i in range(len(test))])
+        truth = torch.tensor([int(test[i].gt_label) for i in range(len(test))])
+        refs = dm.reference_images("test", 0)
+        raw = score(model, images, model.compute_bank(transform(refs)), transform)
+        loo, pixel_std = loo_parts(model, refs, transform)
+        for variant in VARIANTS:
+            pooled = []
+            for draw_loo, draw_std, held_out_scores in calibration:
+                draw_location, draw_scale = normalisation(variant, draw_loo, draw_std)
+                pooled.append((held_out_scores - draw_location) / draw_scale)
+            pooled = np.concatenate(pooled)
+            taus = normal_quantiles(pooled, FAR_GRID)
+            location, scale = normalisation(variant, loo, pixel_std)
+            row = {"model": args.model, "direction": args.direction, "variant": variant, "seed": seed}
+            for rate in RATES:
+                predicted = torch.from_numpy(raw > location + scale * calibrated_tau(FAR_GRID, taus, rate))
+                row[f"false_alarm_rate_at_{rate:g}"] = float(predicted[truth == 0].float().mean())
+                row[f"F1_at_{rate:g}"] = _f1(predicted, truth)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def main() -> None:  # pragma: no cover - command line
+    """Parse the arguments, run, write the CSV (never overwriting)."""
+    import pandas as pd
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.operating_point_ablation")
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--model", default="CGAD")
+    parser.add_argument("--preset", default="elpv_operating_point")
+    parser.add_argument("--direction", required=True, help="a direction of the preset, e.g. mono_to_poly")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--draws", type=int, default=16)
+    parser.add_argument("--normals", type=int, default=40)
+    parser.add_argument("--max-eval-per-class", type=int, default=150, help="as the benchmark run")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    if args.out.exists():
+        raise SystemExit(f"error: '{args.out}' exists; choose a new file.")
+    rows = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
