@@ -225,14 +225,15 @@ def _convert(
         ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=compress_to_fp16)
 
 
-def single_input_ir(bank_model_xml: str | Path, bank: Bank):
+def single_input_ir(bank_model_xml: str | Path, bank: Bank, operating_point: np.ndarray):
     """anomalib's single-input IR (``model.xml``), made from ``bank_model.xml`` by freezing the bank inputs.
 
     anomalib's exporter would trace the Lightning module a third time (pre-processor, model with the bank as
     constants, post-processor: the same graph as ``bank_model`` with the bank bound). Binding the bank tensors
-    to the bank graph's inputs as OpenVINO constants gives that graph in 0.1 s instead of one more
-    trace + ONNX + conversion (the largest share of the export time, ``benchmarks/results/export_time``).
-    Input ``input`` (anomalib's name, ``(B, 3, H, W)`` in [0, 1]); outputs named as anomalib names them.
+    and the class's operating point ``(location, scale, tau)`` to the bank graph's inputs as OpenVINO constants
+    gives that graph in 0.1 s instead of one more trace + ONNX + conversion (the largest share of the export
+    time, ``benchmarks/results/export_time``). Input ``input`` (anomalib's name, ``(B, 3, H, W)`` in [0, 1]);
+    outputs named as anomalib names them (the bank graph's raw score and map outputs are left out).
 
     Returns:
         openvino.Model: the single-input model, not yet saved.
@@ -241,15 +242,24 @@ def single_input_ir(bank_model_xml: str | Path, bank: Bank):
     import openvino.opset13 as ops
 
     model = ov.Core().read_model(str(bank_model_xml))
-    image, *bank_inputs = model.get_parameters()
-    if len(bank_inputs) != len(bank.tensors):
-        msg = f"{bank_model_xml} takes {len(bank_inputs)} bank tensors; the bank has {len(bank.tensors)}."
+    image, *inputs = model.get_parameters()
+    bank_inputs = [p for p in inputs if OPERATING_POINT not in p.output(0).get_names()]
+    point_inputs = [p for p in inputs if OPERATING_POINT in p.output(0).get_names()]
+    if len(bank_inputs) != len(bank.tensors) or len(point_inputs) != 1:
+        msg = (
+            f"{bank_model_xml} takes {len(bank_inputs)} bank tensors and {len(point_inputs)} operating point(s); "
+            f"the bank has {len(bank.tensors)} tensors and one operating point."
+        )
         raise BankError(msg)
-    for parameter, tensor in zip(bank_inputs, bank.tensors, strict=True):
+    values = [*bank.tensors, operating_point]
+    for parameter, tensor in zip([*bank_inputs, *point_inputs], values, strict=True):
         constant = ops.constant(np.ascontiguousarray(tensor, dtype=np.float32))
         for target in list(parameter.output(0).get_target_inputs()):
             target.replace_source_output(constant.output(0))
         model.remove_parameter(parameter)
+    for result in list(model.get_results()):
+        if result.output(0).get_names() & {"raw_score", "raw_map"}:
+            model.remove_result(result)
     model.validate_nodes_and_infer_types()
     image.output(0).get_tensor().set_names({"input"})
     image.set_friendly_name("input")
@@ -357,7 +367,8 @@ def export_swappable_bank(
         import openvino as ov
 
         ir = folder / f"{anomalib_ir}.xml"
-        ov.save_model(single_input_ir(targets[0], bank), ir, compress_to_fp16=compress_to_fp16)
+        point = operating_point.detach().cpu().float().numpy()
+        ov.save_model(single_input_ir(targets[0], bank, point), ir, compress_to_fp16=compress_to_fp16)
     if ir is not None:
         metadata[IR_KEY] = {"file": Path(ir).name, "sha256": ir_digest(ir)}
     targets[5].write_text(json.dumps(metadata, indent=2))
