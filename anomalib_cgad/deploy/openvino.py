@@ -225,6 +225,9 @@ def _convert(
         ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=compress_to_fp16)
 
 
+RAW_OUTPUT_NAMES = ("raw_score", "raw_map")  # bank_model outputs before the operating point; not in model.xml
+
+
 def single_input_ir(bank_model_xml: str | Path, bank: Bank, operating_point: np.ndarray):
     """anomalib's single-input IR (``model.xml``), made from ``bank_model.xml`` by freezing the bank inputs.
 
@@ -258,7 +261,7 @@ def single_input_ir(bank_model_xml: str | Path, bank: Bank, operating_point: np.
             target.replace_source_output(constant.output(0))
         model.remove_parameter(parameter)
     for result in list(model.get_results()):
-        if result.output(0).get_names() & {"raw_score", "raw_map"}:
+        if result.output(0).get_names() & set(RAW_OUTPUT_NAMES):
             model.remove_result(result)
     model.validate_nodes_and_infer_types()
     image.output(0).get_tensor().set_names({"input"})
@@ -335,7 +338,7 @@ def export_swappable_bank(
     bank_dims = tuple({0: torch.export.Dim(f"rows_{i}")} if t.ndim == 2 else None for i, t in enumerate(bank.tensors))
     bank_args = tuple(torch.from_numpy(t).to(device) for t in bank.tensors)
     operating_point = module.operating_point.vector(module.false_alarm_rate).to(device)
-    raw_output_names = ["raw_score", "raw_map"]
+    raw_output_names = list(RAW_OUTPUT_NAMES)
     with torch.no_grad():
         _convert(
             _BankModel(module),
