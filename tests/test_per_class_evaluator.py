@@ -113,4 +113,4 @@ def test_a_metric_that_cannot_be_computed_for_a_class_is_skipped() -> None:
 
 def test_default_has_anomalib_test_metrics() -> None:
     names = [metric.name for metric in PerClassEvaluator.default().test_metrics]
-    assert names == ["image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"]
+    assert names == ["image_AUROC", "image_F1Score", "image_FalseAlarmRate", "pixel_AUROC", "pixel_F1Score"]
