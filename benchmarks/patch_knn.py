@@ -36,12 +36,13 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_cgad.components.backbone import FeatureExtractor
+from anomalib_cgad.components.bank_model import BankModel
 from anomalib_cgad.components.patch_knn import patch_knn_map
 from anomalib_cgad.components.reference_bank import ReferenceBank
 from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
 
 
-class PatchKNNModel(nn.Module):
+class PatchKNNModel(BankModel):
     """Torch model: nearest-reference-patch distance map and its maximum.
 
     Args:
@@ -72,19 +73,25 @@ class PatchKNNModel(nn.Module):
         kernel = 2 * int(4.0 * sigma + 0.5) + 1
         self.blur = GaussianBlur2d(kernel_size=(kernel, kernel), sigma=(sigma, sigma), channels=1)
 
-    @torch.no_grad()
-    def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Bank tensors (one ``(k·H_l·W_l, C_l)`` per level) of normalised reference images."""
-        return self.bank.build(self.backbone(images))
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's levels of normalised images."""
+        return self.backbone(images)
+
+    def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
+        """Bank tensors, one ``(k·H_l·W_l, C_l)`` per level, of the references' backbone levels."""
+        del size
+        return self.bank.build(features)
 
     @torch.no_grad()
     def set_reference(self, images: torch.Tensor) -> None:
         """Store the patch features of normalised reference images ``(k, 3, H, W)``."""
         self.bank.set(self.backbone(images))
 
-    def forward_with_bank(self, images: torch.Tensor, bank: list[torch.Tensor]) -> InferenceBatch:
-        """Score normalised images ``(B, 3, H, W)`` against explicit bank tensors."""
-        anomaly_map = self.blur(patch_knn_map(self.backbone(images), bank, images.shape[-2:]))
+    def score_features(
+        self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
+    ) -> InferenceBatch:
+        """Scores and maps of backbone levels against explicit bank tensors."""
+        anomaly_map = self.blur(patch_knn_map(features, bank, size))
         return InferenceBatch(pred_score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:

@@ -62,17 +62,43 @@ def apply_operating_point(output: InferenceBatch, operating_point: torch.Tensor)
 
 
 @torch.no_grad()
-def leave_one_out_statistics(model: nn.Module, images: torch.Tensor, transform: Transform) -> torch.Tensor:
+def encode(model: nn.Module, images: torch.Tensor, transform: Transform, batch_size: int = 32) -> list[torch.Tensor]:
+    """``model.features`` of un-normalised images, in batches: each image crosses the frozen backbone once."""
+    chunks = [
+        model.features(transform(images[start : start + batch_size])) for start in range(0, len(images), batch_size)
+    ]
+    return [torch.cat(level) for level in zip(*chunks, strict=True)]
+
+
+def _rows(features: list[torch.Tensor], index) -> list[torch.Tensor]:
+    return [level[index] for level in features]
+
+
+@torch.no_grad()
+def leave_one_out_statistics(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: Transform,
+    features: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``(location, scale)`` of a class from un-normalised reference images ``(k, 3, H, W)``.
 
-    Each reference is scored (``model.forward_with_bank``) against ``model.compute_bank`` of the others (k = 1:
-    of its own horizontal mirror image); ``transform`` is the pre-processor. See
-    :func:`~anomalib_cgad.deploy.inferencer.reference_statistics`.
+    Each reference is scored (``model.score_features``) against ``model.bank_from_features`` of the others
+    (k = 1: of its own horizontal mirror image); ``transform`` is the pre-processor, ``features`` the images'
+    :func:`encode` when the caller has it. See :func:`~anomalib_cgad.deploy.inferencer.reference_statistics`.
     """
+    features = encode(model, images, transform) if features is None else features
+    size = transform(images[:1]).shape[-2:]
     scores, maps = [], []
     for held, others in leave_one_out_sets(len(images)):
-        refs = images[others] if others is not None else images[held : held + 1].flip(-1)
-        output = model.forward_with_bank(transform(images[held : held + 1]), model.compute_bank(transform(refs)))
+        refs = (
+            _rows(features, others)
+            if others is not None
+            else encode(model, images[held : held + 1].flip(-1), transform)
+        )
+        output = model.score_features(
+            _rows(features, slice(held, held + 1)), model.bank_from_features(refs, size), size
+        )
         scores.append(float(output.pred_score.reshape(-1)[0]))
         maps.append(output.anomaly_map.float().cpu().numpy())
     return torch.from_numpy(reference_statistics(scores, maps))
@@ -90,8 +116,10 @@ def normalised_normal_scores(
 ) -> np.ndarray:
     """Pooled ``(score − location) / scale`` of held-out normals over reference draws of each class.
 
+    Each class's images are encoded once (:func:`encode`); every draw then works on their features.
+
     Args:
-        model (nn.Module): torch model with ``compute_bank`` and ``forward_with_bank`` (eval mode).
+        model (nn.Module): a :class:`~anomalib_cgad.components.bank_model.BankModel` (eval mode).
         normals (Mapping[str, torch.Tensor]): un-normalised normal images ``(N_c, 3, H, W)`` per class.
         k (int): references per draw (the k the model will be used with).
         transform (Transform): the pre-processor.
@@ -110,14 +138,17 @@ def normalised_normal_scores(
     per_class = max(4, -(-draws // len(usable)))
     pooled = []
     for images in usable.values():
+        features = encode(model, images, transform, batch_size)
+        size = transform(images[:1]).shape[-2:]
         for _ in range(per_class):
             order = torch.randperm(len(images), generator=generator)
-            refs, held_out = images[order[:k]], images[order[k:]]
-            location, scale = leave_one_out_statistics(model, refs, transform).tolist()
-            bank = model.compute_bank(transform(refs))
+            refs, held_out = order[:k].to(images.device), order[k:].to(images.device)
+            ref_features = _rows(features, refs)
+            location, scale = leave_one_out_statistics(model, images[refs], transform, ref_features).tolist()
+            bank = model.bank_from_features(ref_features, size)
             for start in range(0, len(held_out), batch_size):
-                batch = transform(held_out[start : start + batch_size])
-                scores = model.forward_with_bank(batch, bank).pred_score.float().cpu().numpy()
+                batch = _rows(features, held_out[start : start + batch_size])
+                scores = model.score_features(batch, bank, size).pred_score.float().cpu().numpy()
                 pooled.append((scores - location) / scale)
     return np.concatenate(pooled)
 
@@ -213,6 +244,7 @@ __all__ = [
     "apply_operating_point",
     "check_false_alarm_rate",
     "collect_normals",
+    "encode",
     "leave_one_out_statistics",
     "normalised_normal_scores",
 ]

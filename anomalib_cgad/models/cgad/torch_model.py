@@ -125,24 +125,27 @@ class CGADModel(ResADModel):
         """``z_l = logp̄_l − b_l`` per level."""
         return [logp - self.boundary[level] for level, logp in enumerate(logps)]
 
-    def patch_scores(self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``−z_l / T`` per level, ``(B, 1, H_l, W_l)``: the logit of ``1 − σ(z_l / T)``, which never saturates."""
+    def patch_scores(
+        self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """``−z_l / T`` per level, ``(B, 1, H_l, W_l)``: the logit of ``1 − σ(z_l / T)``, which never saturates.
+
+        ``zmeans`` is not used (CGAD's decision is on ``logp̄`` alone); it is accepted for ResAD's signature.
+        """
         del zmeans
         temperature = self.temperature()
         return [(-z / temperature).unsqueeze(1) for z in self.normality_logits(logps)]
 
-    def _raw_map(self, images: torch.Tensor, logps: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.anomaly_map_generator(self.patch_scores(logps, logps), images.shape[-2:])
+    def _raw_map(self, size: Sequence[int], logps: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.anomaly_map_generator(self.patch_scores(logps), size)
 
-    @torch.no_grad()
-    def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
         """Bank levels of the references plus ``scale = (μ, σ)`` of their leave-one-out maps (shape ``(2,)``)."""
-        features = self.backbone(images)
         levels = self.bank.build(features)
         residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
         constrained = self.constraintor(residuals)
         logps = [self.flow(level, feature)[0] for level, feature in enumerate(constrained)]
-        loo_map = self._raw_map(images, logps)
+        loo_map = self._raw_map(size, logps)
         scale = torch.stack([loo_map.mean(), loo_map.std(unbiased=False).clamp(min=1e-6)])
         return [*levels, scale]
 
@@ -156,12 +159,13 @@ class CGADModel(ResADModel):
         """Bank levels followed by the score scale (the order of :meth:`compute_bank`)."""
         return [*self.bank.tensors(), self.scale]
 
-    def forward_with_bank(self, images: torch.Tensor, bank: Sequence[torch.Tensor]) -> InferenceBatch:
-        """Score normalised ``images`` against explicit bank tensors (levels + scale)."""
+    def score_features(
+        self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
+    ) -> InferenceBatch:
+        """Scores and maps of backbone levels against explicit bank tensors (levels + scale)."""
         *levels, scale = bank
-        features = self.backbone(images)
         _, _, logps, _ = self.level_outputs(features, levels)
-        anomaly_map = self._raw_map(images, logps)
+        anomaly_map = self._raw_map(size, logps)
         if self.normalise_by_references:
             anomaly_map = (anomaly_map - scale[0]) / scale[1]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)

@@ -37,6 +37,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, FeatureExtractor
+from anomalib_cgad.components.bank_model import BankModel
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
 from anomalib_cgad.components.reference_bank import ReferenceBank
 from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
@@ -61,7 +62,7 @@ class PatchEncoder(nn.Module):
         return self.last(F.relu(self.first(x)))
 
 
-class MetaADModel(nn.Module):
+class MetaADModel(BankModel):
     """MetaAD torch model.
 
     Args:
@@ -196,10 +197,14 @@ class MetaADModel(nn.Module):
         return x + self.odin_eps * torch.sign(z).unsqueeze(1) * torch.sign(self.logit_input_gradient(x))
 
     # ----------------------------------------------------------------- bank / scoring
-    @torch.no_grad()
-    def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """One level: the standardised, projected patch features (:meth:`embed`)."""
+        return [self.embed(images)]
+
+    def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
         """One bank tensor: all projected reference patches ``(k·H·W, C_in)``."""
-        return self.bank.build([self.embed(images)])
+        del size
+        return self.bank.build(features)
 
     def set_reference(self, images: torch.Tensor) -> None:
         """Make normalised ``images`` the references."""
@@ -218,12 +223,14 @@ class MetaADModel(nn.Module):
             "input_mode": self.input_mode,
         }
 
-    def forward_with_bank(self, images: torch.Tensor, bank: Sequence[torch.Tensor]) -> InferenceBatch:
-        """Score normalised ``images`` against an explicit bank."""
-        x = self.inputs(self.embed(images), bank[0])
+    def score_features(
+        self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
+    ) -> InferenceBatch:
+        """Scores and maps of embedded patches (:meth:`features`) against an explicit bank."""
+        x = self.inputs(features[0], bank[0])
         z = self.logits(self.odin(x)) / self.temperature()
         scores = (-z if self.score == "logit" else 1 - torch.sigmoid(z)).unsqueeze(1)
-        anomaly_map = self.anomaly_map_generator([scores], images.shape[-2:])
+        anomaly_map = self.anomaly_map_generator([scores], size)
         flat = anomaly_map.flatten(1)
         if self.image_score == "top1p":
             count = max(1, flat.shape[1] // 100)

@@ -24,6 +24,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, FeatureExtractor
+from anomalib_cgad.components.bank_model import BankModel
 from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
 from anomalib_cgad.components.flow import ConditionalFlow
 from anomalib_cgad.components.reference_bank import ReferenceBank
@@ -43,7 +44,7 @@ class FeatureConstraintor(nn.ModuleList):
         return [block(r) for block, r in zip(self, residuals, strict=True)]
 
 
-class ResADModel(nn.Module):
+class ResADModel(BankModel):
     """ResAD torch model.
 
     Args:
@@ -112,10 +113,14 @@ class ResADModel(nn.Module):
         self.register_buffer("logp_max", torch.zeros(len(channels)))
 
     # ----------------------------------------------------------------- bank
-    @torch.no_grad()
-    def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Bank tensors (one ``(k·H_l·W_l, C_l)`` per level) of normalised reference images."""
-        return self.bank.build(self.backbone(images))
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's levels of normalised images."""
+        return self.backbone(images)
+
+    def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
+        """Bank tensors, one ``(k·H_l·W_l, C_l)`` per level, of the references' backbone levels."""
+        del size
+        return self.bank.build(features)
 
     def set_reference(self, images: torch.Tensor) -> None:
         """Make normalised ``images`` ``(k, 3, H, W)`` the reference bank."""
@@ -167,8 +172,16 @@ class ResADModel(nn.Module):
             zmeans.append(zmean)
         return residuals, constrained, logps, zmeans
 
-    def patch_scores(self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-level patch anomaly scores ``(B, 1, H_l, W_l)`` before up-sampling."""
+    def patch_scores(
+        self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Per-level patch anomaly scores ``(B, 1, H_l, W_l)`` before up-sampling.
+
+        ``zmeans`` (the flow's ``mean_c(z)`` maps) is needed by the ``"merged"`` score only.
+        """
+        if self.score == "merged" and zmeans is None:
+            msg = "The 'merged' score needs the flow's mean_c(z) maps (zmeans)."
+            raise ValueError(msg)
         scores = []
         for level, (logp, zmean) in enumerate(zip(logps, zmeans, strict=True)):
             s1 = 1 - torch.exp((logp - self.logp_max[level]).clamp(max=0))
@@ -179,11 +192,12 @@ class ResADModel(nn.Module):
                 scores.append(s1.unsqueeze(1))
         return scores
 
-    def forward_with_bank(self, images: torch.Tensor, bank: Sequence[torch.Tensor]) -> InferenceBatch:
-        """Score normalised ``images`` against an explicit bank (export-friendly: the bank is an input)."""
-        features = self.backbone(images)
+    def score_features(
+        self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
+    ) -> InferenceBatch:
+        """Scores and maps of backbone levels against explicit bank tensors."""
         _, _, logps, zmeans = self.level_outputs(features, bank)
-        anomaly_map = self.anomaly_map_generator(self.patch_scores(logps, zmeans), images.shape[-2:])
+        anomaly_map = self.anomaly_map_generator(self.patch_scores(logps, zmeans), size)
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
