@@ -108,7 +108,8 @@ def build_peer(
 
 
 class PeerBank:
-    """``compute_bank`` / ``forward_with_bank`` for anomalib's Patchcore and Padim, fitted on given images.
+    """The bank-model contract (``compute_bank`` / ``forward_with_bank`` and their feature-level steps) for
+    anomalib's Patchcore and Padim, fitted on given images.
 
     It lets the peers share our models' normal-only operating point code
     (:mod:`anomalib_cgad.components.operating_point`): "the bank" of a peer is its fitted state (Patchcore's
@@ -167,3 +168,19 @@ class PeerBank:
         self.restore(bank)
         with torch.no_grad():
             return self.module.model(images)
+
+    # The feature-level contract of anomalib_cgad.components.bank_model.BankModel, which the operating point
+    # code calls: a peer's backbone sits inside its torch model, so its "features" are the normalised images.
+    def features(self, images) -> list:
+        """``[images]``: a peer is fitted and scored on normalised images."""
+        return [images]
+
+    def bank_from_features(self, features: list, size) -> list:
+        """:meth:`compute_bank` of the images in ``features``."""
+        del size
+        return self.compute_bank(features[0])
+
+    def score_features(self, features: list, bank: list, size):
+        """:meth:`forward_with_bank` of the images in ``features``."""
+        del size
+        return self.forward_with_bank(features[0], bank)
