@@ -15,7 +15,7 @@ Pipeline (our image adaptation; the paper works on tabular data):
    ``w``; ``s = 10``;
 5. one ODIN step ``x̃ = x + ε·sign(z)·sign(∇_x z)`` with the gradient in closed form (plain tensor algebra,
    so it exports), then the patch score: ``score="logit"`` (default) ``−z(x̃)/T``, or ``"confidence"``
-   ``1 − σ(z(x̃)/T)`` (the spec's form; same order per patch, but it saturates in float32 once
+   ``1 − σ(z(x̃)/T)`` (the authors' form; same order per patch, but it saturates in float32 once
    ``|z/T| ≳ 17``, which ties the smoothed maps);
 6. bilinear up-sampling, Gaussian smoothing (σ = 4), image score = max of the map.
 
