@@ -3,7 +3,7 @@
 For one model (``CGAD`` by default) at one image size, measures images/s and the median latency per image at
 batch 1 and batch 8 of:
 
-1. ``backbone (torch)``: the bare feature extractor forward (issue 7's reference: CGAD's test-time cost is
+1. ``backbone (torch)``: the bare feature extractor forward (the reference: CGAD's test-time cost is
    reported as a multiple of it);
 2. ``<model> (torch)``: the Lightning module's forward (pre-processor → model → post-processor);
 3. ``backbone (OpenVINO f32)`` and ``<model> (OpenVINO f32)``: the exported graphs compiled with

@@ -1,6 +1,6 @@
 """Bad input, one test per case: every one gives a clear error naming the problem, or works, never a silent NaN.
 
-Cases (issue 9) and the chosen behaviour:
+Cases and the chosen behaviour:
 
 - missing / empty dataset root, unknown class, k-shot larger than the normal images: ``CrossClass`` errors;
 - reference images (``few_shot_source``) of mixed sizes, grayscale, RGBA or 16-bit: resized/converted, scored;

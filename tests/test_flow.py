@@ -84,7 +84,7 @@ def test_grid_path_equals_plain_rows_and_tracks_weight_changes() -> None:
 
 
 def test_abnormal_density_softmax_is_sigmoid_of_mean_z() -> None:
-    """softmax([logp̄, logp̄_a])₁ with the N(𝟙, I) abnormal density equals σ(mean_c z − ½) (resad.md §8)."""
+    """softmax([logp̄, logp̄_a])₁ with the N(𝟙, I) abnormal density equals σ(mean_c z − ½)."""
     torch.manual_seed(0)
     channels = 10
     z, log_det = 2 * torch.randn(100, channels), torch.randn(100)
@@ -137,7 +137,7 @@ def test_flow_on_residuals_scores_pasted_defects_of_an_unseen_class_lower(synthe
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_training_step_trains_every_level_on_every_row(preset: str, cross_class, tmp_path, monkeypatch) -> None:
-    """Chunked flow updates cover all rows of every level, remainders included (resad.md §15.2)."""
+    """Chunked flow updates cover all rows of every level, remainders included (the released code drops them)."""
     model = ResAD(preset=preset, visualizer=False, fiber_batch=1000, coupling_blocks=2, layers=(2, 3))
     model.pre_processor = ResAD.configure_pre_processor((96, 96))
     seen: dict[int, list[int]] = {0: [], 1: []}

@@ -65,7 +65,7 @@ def test_training_references_are_distinct_and_never_an_excluded_query() -> None:
 
 
 def test_no_training_image_is_its_own_reference(cross_class, tmp_path) -> None:
-    """The released code may use a query as its own reference (all-zero residual); we never do (resad.md §15.9)."""
+    """The released code may use a query as its own reference (all-zero residual); we never do."""
     model, datamodule = _resad(), cross_class(train_batch_size=8)
     _engine(tmp_path, limit_train_batches=1, limit_val_batches=0).fit(model=model, datamodule=datamodule)
     assert _self_referenced_images(model, datamodule) == 0
@@ -443,7 +443,7 @@ def test_plain_anomalib_datamodule_train_and_test(synthetic_root, tmp_path) -> N
 
 @pytest.mark.slow
 def test_checkpoint_tested_on_another_class_uses_that_class_references(cross_class, synthetic_root, tmp_path) -> None:
-    """anomalib.md §3.4: a checkpoint restored after ``setup()`` must not keep the training run's bank."""
+    """anomalib restores a checkpoint after ``setup()``: the restored model must not keep the training run's bank."""
     from anomalib_cgad.models.base import load_images
 
     model = _resad()

@@ -1,6 +1,6 @@
 """Outer level of the multi-directional meta-learning: softmax confidence margin, temperature, PCGrad.
 
-Shared by MetaAD and CGAD (metaad.md §2, §4). With a normality logit ``z`` (normal vs anomaly), the
+Shared by MetaAD and CGAD (outer level of arXiv 2601.19833). With a normality logit ``z`` (normal vs anomaly), the
 tempered two-class softmax confidence of "normal" is ``σ(z/T)``. The outer loss on an episode's in-distribution
 (ID, normal) and out-of-distribution (OOD, anomalous) samples is
 

@@ -1,6 +1,6 @@
 """Feature distribution matching of ResAD++: a codebook of normal residuals (VQ) and EFDM at test time.
 
-The released ResAD code (the ResAD++ method, resad.md §5) learns, per feature level, a codebook of residual
+The released ResAD code (the ResAD++ method; not in the NeurIPS paper) learns, per feature level, a codebook of residual
 vectors on **normal** training positions. At test time each residual map is moved towards the residual
 distribution seen in training, per image and channel, by exact feature distribution matching (EFDM):
 
@@ -178,7 +178,7 @@ class ResidualCodebook(nn.Module):
         """VQ loss ``Σ_l mean‖sg(e) − r‖² + β·mean‖e − sg(r)‖²`` over normal positions only.
 
         Means run over all elements of the selected rows (``F.mse_loss``). A level without any normal
-        position contributes 0 (the released code returns NaN there; resad.md §15.11).
+        position contributes 0 (the released code returns NaN there, the mean of an empty set).
 
         Args:
             residuals (Sequence[torch.Tensor]): per level ``(B, C_l, H_l, W_l)`` residual maps.

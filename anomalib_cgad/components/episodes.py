@@ -11,7 +11,7 @@ One episode = one optimisation step built from the *training* classes only:
   from ``k_choices`` so the model meets every k it will be used with.
 
 ``direction="multi"`` (default) rotates roles: over a cycle every ordered pair (inner A, outer B) of
-training classes occurs, in both directions (metaad.md §5). ``direction="single"`` fixes one seeded split
+training classes occurs, in both directions (hence "multi-directional"). ``direction="single"`` fixes one seeded split
 of the classes into an ID pool and an OOD pool (the ablation). With a single training class (e.g. ELPV
 mono → poly) both roles fall to that class and episodes differ only in their draws.
 

@@ -24,7 +24,7 @@ In eval mode :meth:`ConditionalFlow.forward` runs each level as a :class:`Folded
 with its constants folded into fewer, larger operations; tests/test_flow.py compares the values).
 
 It also returns ``mean_c(z)``: with ResAD's abnormal density ``N(𝟙, I)`` the two-class softmax of normal
-vs abnormal likelihood is exactly ``σ(mean_c(z) − ½)`` (resad.md §8).
+vs abnormal likelihood is exactly ``σ(mean_c(z) − ½)`` (the log-density difference is linear in ``z``).
 
 Example:
     >>> import torch
@@ -309,7 +309,7 @@ def chunks(num_rows: int, chunk_size: int, generator: torch.Generator | None = N
     """Shuffled row indices in chunks of at most ``chunk_size``; the remainder forms the last chunk.
 
     (ResAD's released code floors the division and drops the remainder, which left its coarsest flow level
-    untrained for WideResNet50; see resad.md §15.2.)
+    untrained for WideResNet50, whose coarsest level has fewer positions than one chunk.)
     """
     order = torch.randperm(num_rows, generator=generator)
     yield from order.split(chunk_size)

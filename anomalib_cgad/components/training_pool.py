@@ -10,7 +10,7 @@ The backbone is frozen, so every model here encodes each training image once, wh
 
 Training references are drawn per query *without replacement* and *never include the query itself*
 (the released ResAD code draws with replacement and may use the query as its own reference, which gives
-an all-zero residual; resad.md §15.9).
+an all-zero residual, so the model would learn that a perfect match is normal).
 """
 
 from __future__ import annotations

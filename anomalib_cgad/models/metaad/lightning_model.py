@@ -10,7 +10,7 @@ Each training step is one episode over the training classes (components/episodes
    calibrated on normals (ID) and a few anomalies (OOD) of other classes, after one ODIN step, by the
    softmax confidence margin loss; PCGrad reconciles the per-class outer losses with a clean inner term.
 
-Paper: https://arxiv.org/abs/2601.19833 (tabular data; the image adaptation follows metaad.md §9-10).
+Paper: https://arxiv.org/abs/2601.19833 (tabular data; the image adaptation is ours, see the model README).
 
 See Also:
     :class:`anomalib_cgad.models.metaad.torch_model.MetaADModel`: the PyTorch model.
@@ -61,8 +61,8 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         odin (bool): one ODIN step before scoring (ε = 2e-3). Defaults to ``True``.
         image_score (str): ``"max"`` of the smoothed map or ``"top1p"`` (mean of its top 1%). Defaults to ``"max"``.
         head (str): normality logit: ``"distance"`` ``z = s(ρ − ‖f_θ(x)‖/ν)`` with a bias-free encoder, or
-            ``"cosine"`` ``z = s·cos(w, f_θ(x))`` (metaad.md §9.3). Defaults to ``"distance"`` (README: measured).
-        score (str): patch score ``"logit"`` (``−z/T``) or ``"confidence"`` (``1 − σ(z/T)``, metaad.md §10.1).
+            ``"cosine"`` ``z = s·cos(w, f_θ(x))``. Defaults to ``"distance"`` (README: measured).
+        score (str): patch score ``"logit"`` (``−z/T``) or ``"confidence"`` (``1 − σ(z/T)``, the paper's).
             Defaults to ``"logit"``.
         inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
         anomalies_per_class (int): anomalies per OOD class and episode (K_anom). Real labelled anomalies of
@@ -228,7 +228,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
     def _inner_step(self, category: str, k: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         negatives = self.anomalies_per_class or self.SYNTHETIC_ONLY_COUNT
         n_anomalous = negatives if self.inner_mode == "supervised" else 0
-        # supervised negatives are synthetic (metaad.md §3): real labelled anomalies stay for the outer level
+        # supervised negatives are synthetic (authors' notebooks): real labelled anomalies stay for the outer level
         x, coverage = self._class_inputs(category, k, self.inner_queries, n_anomalous, prefer_real=False)
         u = self.model.encoder(x)
         z = self.model.logits_from_latent(u)

@@ -1,6 +1,6 @@
 """PyTorch model of MetaAD: per-patch encoder and bounded normality head with an exportable ODIN step.
 
-Pipeline (metaad.md §9-10):
+Pipeline (our image adaptation; the paper works on tabular data):
 
 1. frozen backbone, two levels; 3×3 local average pooling; the deeper map up-sampled and concatenated;
 2. a fixed random orthogonal projection to ``C_in`` channels and per-channel standardisation (statistics of
@@ -11,11 +11,11 @@ Pipeline (metaad.md §9-10):
    ``"distance"`` (default) ``z = s·(ρ − ‖u‖/ν)`` with a bias-free encoder (so ``f_θ(0) = 0``: a residual
    equal to zero, i.e. a patch identical to a reference, is maximally normal, and ``‖u‖`` grows with the
    residual's size), a learned radius ``ρ`` and a fixed latent scale ``ν`` (median ‖u‖ of training normals
-   at the start of training); ``"cosine"`` (the spec's form) ``z = s·cos(w, u)`` with a unit-norm head row
+   at the start of training); ``"cosine"`` (a plain cosine head) ``z = s·cos(w, u)`` with a unit-norm head row
    ``w``; ``s = 10``;
 5. one ODIN step ``x̃ = x + ε·sign(z)·sign(∇_x z)`` with the gradient in closed form (plain tensor algebra,
    so it exports), then the patch score: ``score="logit"`` (default) ``−z(x̃)/T``, or ``"confidence"``
-   ``1 − σ(z(x̃)/T)`` (the spec's form; same order per patch, but it saturates in float32 once
+   ``1 − σ(z(x̃)/T)`` (the authors' form; same order per patch, but it saturates in float32 once
    ``|z/T| ≳ 17``, which ties the smoothed maps);
 6. bilinear up-sampling, Gaussian smoothing (σ = 4), image score = max of the map.
 

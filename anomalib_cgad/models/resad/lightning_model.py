@@ -103,7 +103,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
             use ``lightning.seed_everything`` to repeat a run.
         matching, residual, occ, flow_loss, score (str | None): override single preset entries.
         fdm (bool | None): ResAD++'s feature distribution matching: a codebook of normal training residuals per
-            level, and EFDM of the test residuals towards it before the constraintor (resad.md §5). ``None``
+            level, and EFDM of the test residuals towards it before the constraintor (released code only). ``None``
             takes the preset's value (``official``: on, ``paper``: off). Defaults to ``None``.
         fdm_codes (int): codes per level. Defaults to ``1536``.
         fdm_alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
@@ -220,7 +220,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         self._init_references(false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """One Adam for the constraintor, one for the flows (the flow sees detached features; resad.md §7).
+        """One Adam for the constraintor, one for the flows (the flow sees detached features, as in the released code).
 
         With ``fdm`` a third Adam trains the codebook: one group per level, learning rate ``fdm_lr · std_l``,
         no weight decay (decay would pull the codes towards 0, the bias the data initialisation removes).
@@ -286,7 +286,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
 
         Official-like: one set of ``train_k_shot`` references for the class, drawn without replacement from
         its normals outside the batch. When the batch holds (almost) the whole class, every query gets its
-        own references instead, drawn from all normals but itself (resad.md §15.9).
+        own references instead, drawn from all normals but itself (itself would give an all-zero residual).
 
         Args:
             category (str): training class.

@@ -1,4 +1,4 @@
-"""ResAD losses (resad.md §7 and §9), for the ``paper`` and ``official`` presets.
+"""ResAD losses (constraintor OCC losses and flow losses), for the ``paper`` and ``official`` presets.
 
 Notation: ``x'`` constrained feature rows ``(N, C)``, ``r`` the (detached) residual rows, ``y`` per-row
 anomaly coverage in ``[0, 1]`` (a row counts as abnormal when ``y ≥ 0.5``), ``logp`` the per-dimension
@@ -17,7 +17,7 @@ log-likelihood ``logp̄`` of the flow and ``zmean = mean_c(z)``.
    - :func:`flow_loss_official`: ψ-wrapped NLL (ψ(u) = softplus(−u)), the abnormal ``N(𝟙, I)`` density
      for abnormal rows, a focal loss on ``σ(zmean − ½)`` and a softplus BG-SPP.
 
-Empty subsets contribute 0 (the released code returns NaN there; resad.md §15.11).
+Empty subsets contribute 0 (the released code returns NaN there, the mean of an empty set).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def occ_log_barrier(
     coverage: torch.Tensor,
     radius: float = 0.4,
 ) -> torch.Tensor:
-    """Released code's log-barrier bidirectional OCC loss on rows (resad.md §7 [C])."""
+    """Released code's log-barrier bidirectional OCC loss on rows."""
     abnormal = coverage >= 0.5
     distance = pseudo_huber(constrained)
     r_max = radius
@@ -72,7 +72,7 @@ def occ_log_barrier(
 
 
 class BoundaryEMA:
-    """EMA of the 5th percentile of normal ``logp̄`` (the BG-SPP boundary ``b_n``; resad.md §9)."""
+    """EMA of the 5th percentile of normal ``logp̄`` (the BG-SPP boundary ``b_n``, as in the released code)."""
 
     def __init__(self, beta: float = 0.05, momentum: float = 0.9) -> None:
         self.beta = beta
@@ -117,7 +117,7 @@ def flow_loss_official(
     tau: float = 0.1,
     weight: float = 1.0,
 ) -> torch.Tensor:
-    """ψ-NLL + abnormal ``N(𝟙, I)`` density + focal + softplus BG-SPP (released code, resad.md §9 [C])."""
+    """ψ-NLL + abnormal ``N(𝟙, I)`` density + focal + softplus BG-SPP (released code)."""
     abnormal = coverage >= 0.5
     loss = _mean(F.softplus(-logp[~abnormal]))
     if abnormal.any():

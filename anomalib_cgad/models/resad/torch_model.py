@@ -32,7 +32,7 @@ from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
 
 
 class FeatureConstraintor(nn.ModuleList):
-    """ResAD's feature constraintor: one ``Conv3×3 → BN → ReLU`` per level (paper §3.2, Tab. 2b)."""
+    """ResAD's feature constraintor: one ``Conv3×3 → BN → ReLU`` per level (paper Sec. 3.2, Tab. 2b)."""
 
     def __init__(self, channels: Sequence[int]) -> None:
         super().__init__(
@@ -60,7 +60,7 @@ class ResADModel(BankModel):
             S2 = mean_l σ(mean_c z − ½), the official code's score). Defaults to ``"merged"``.
         sigma (float): Gaussian smoothing of the map. Defaults to ``4``.
         fdm (bool): hold a residual codebook and apply EFDM to the residuals in eval mode (ResAD++'s feature
-            distribution matching, resad.md §5). Defaults to ``False`` (the lightning ``ResAD`` turns it on in
+            distribution matching, released code only). Defaults to ``False`` (the lightning ``ResAD`` turns it on in
             its ``official`` preset).
         fdm_codes (int): codes per level. Defaults to ``1536``.
         fdm_alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
@@ -159,7 +159,7 @@ class ResADModel(BankModel):
         """Residuals, constrained features, ``logp̄`` maps and ``mean_c(z)`` maps, per level.
 
         In eval mode, with a codebook, the returned residuals are the EFDM-matched ones that the constraintor
-        sees (training never applies EFDM; resad.md §5).
+        sees (training never applies EFDM, as in the released code).
         """
         residuals = self.bank.residuals(features, bank)
         if self.codebook is not None and not self.training:
