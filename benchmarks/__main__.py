@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run."""
     args = build_parser().parse_args(argv)
-    from benchmarks.runner import PRESETS, load_config, run_benchmark, validate_config
+    from benchmarks.config import PRESETS, load_config, validate_config
 
     if args.command == "merge" and args.out is not None:
         from benchmarks.report import merge_runs
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if index is None:
+        from benchmarks.runner import run_benchmark
+
         run_benchmark(config, args.out)
     else:
         grid.run_task(config, index, args.out)

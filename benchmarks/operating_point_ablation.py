@@ -65,11 +65,13 @@ def score(model, images: torch.Tensor, bank, transform, batch: int = 32) -> np.n
 def run(args: argparse.Namespace) -> list[dict]:
     """Score once, evaluate every variant; return one row per (variant, seed).
 
-    The data are the benchmark's (``runner.make_datamodule`` of the preset's direction: the same references
-    and the same fixed test subsample); the calibration uses ``--draws`` draws of ``--normals`` images.
+    The data are the benchmark's (``benchmarks.data.make_datamodule`` of the preset's direction: the same
+    references and the same fixed test subsample); the calibration uses ``--draws`` draws of ``--normals`` images.
     """
     import anomalib_cgad
-    from benchmarks.runner import _f1, load_config, make_datamodule
+    from benchmarks.config import load_config
+    from benchmarks.data import make_datamodule
+    from benchmarks.metrics import f1_score
 
     torch.set_num_threads(1)
     config = load_config(preset=args.preset)
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for rate in RATES:
                 predicted = torch.from_numpy(raw > location + scale * calibrated_tau(FAR_GRID, taus, rate))
                 row[f"false_alarm_rate_at_{rate:g}"] = float(predicted[truth == 0].float().mean())
-                row[f"F1_at_{rate:g}"] = _f1(predicted, truth)
+                row[f"F1_at_{rate:g}"] = f1_score(predicted, truth)
             rows.append(row)
             print(row, flush=True)
     return rows

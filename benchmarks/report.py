@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.metrics import REQUESTED_RATES  # the achieved-vs-requested columns false_alarm_rate_at_<rate>
+
 SUMMARY_METRICS = (
     ("image_AUROC", "image AUROC (all test images)"),
     ("image_AUROC_clear", "image AUROC, clear defects vs normals"),
@@ -35,7 +37,6 @@ SUMMARY_METRICS = (
     ("false_alarm_rate", "false-alarm rate at the normal-only operating point (normal test images labelled anomalous)"),
     ("miss_rate", "miss rate at the normal-only operating point (defective test images labelled normal)"),
 )
-REQUESTED_RATES = (0.01, 0.05, 0.1)  # the runner's achieved-vs-requested columns false_alarm_rate_at_<rate>
 
 
 def _fmt(values: list[float]) -> str:
@@ -361,8 +362,6 @@ def merge_runs(folders: list[Path], out: Path) -> Path:
         for png in sorted((folder / "overlays").glob("*.png")):
             (out / "overlays").mkdir(exist_ok=True)
             shutil.copy2(png, out / "overlays" / png.name)
-    recorder = SimpleNamespace(
-        rows=rows.to_dict("records"), speed=pd.concat(speed).to_dict("records") if speed else []
-    )
+    recorder = SimpleNamespace(rows=rows.to_dict("records"), speed=pd.concat(speed).to_dict("records") if speed else [])
     write_report(out, recorder, {}, config, 60 * max(minutes, default=0.0))
     return out

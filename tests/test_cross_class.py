@@ -35,6 +35,20 @@ def test_references_are_never_tested_and_come_from_train_normals(cross_class) ->
     assert float(images.max()) <= 1
 
 
+def test_reference_dataset_holds_the_same_references_in_order(cross_class) -> None:
+    import torch
+
+    datamodule = cross_class(k_shot=3)
+    datamodule.setup()
+    for stage, index in (("test", 0), ("predict", 0), ("validate", 1)):
+        references = datamodule.reference_dataset(stage, index)
+        assert [str(p) for p in references.samples.image_path] == datamodule.reference_paths(stage, index)
+        assert set(references.samples.label_index.tolist()) == {0}
+        images = torch.stack([references[i].image for i in range(len(references))])
+        assert torch.equal(images, datamodule.reference_images(stage, index))
+    assert datamodule.reference_paths("validate", 1) != datamodule.reference_paths("test", 0)
+
+
 def test_same_reference_seed_same_references(cross_class) -> None:
     def refs(seed: int) -> list[str]:
         datamodule = cross_class(reference_seed=seed, k_shot=3)

@@ -390,22 +390,32 @@ class CrossClass(AnomalibDataModule):
         """Source class of a training image path."""
         return self._path_category.get(str(path), self.source_categories[0])
 
+    def _reference_rows(self, stage: str, index: int) -> tuple[AnomalibDataset, list[int]]:
+        """The normal training set of class ``index`` the references are drawn from, and the k rows drawn."""
+        stage = "test" if stage == "predict" else stage
+        return self._ref_sets[stage][index], self._references[(stage, index)]
+
     def reference_paths(self, stage: str, index: int) -> list[str]:
         """Paths of the k references of class ``index`` for ``stage`` (``validate`` | ``test`` | ``predict``)."""
-        stage = "test" if stage == "predict" else stage
-        rows = self._references[(stage, index)]
-        data = self._ref_sets[stage][index]
+        data, rows = self._reference_rows(stage, index)
         return [str(data.samples.image_path.iloc[i]) for i in rows]
 
     def reference_images(self, stage: str, index: int) -> torch.Tensor:
         """The k references of class ``index``: ``(k, 3, H, W)`` in [0, 1], resized like the batches."""
-        stage = "test" if stage == "predict" else stage
         from anomalib_cgad.models.base import reread_wide_images
 
-        rows = self._references[(stage, index)]
-        data = self._ref_sets[stage][index]
+        data, rows = self._reference_rows(stage, index)
         images = torch.stack([data[i].image for i in rows])
         return reread_wide_images(images, [str(data.samples.image_path.iloc[i]) for i in rows])
+
+    def reference_dataset(self, stage: str, index: int) -> AnomalibDataset:
+        """The k references of class ``index`` as an anomalib dataset, e.g. to fit a model on them alone.
+
+        The same images, in the same order, as :meth:`reference_paths` / :meth:`reference_images`, with the
+        transform :meth:`setup` attached to the class's training images.
+        """
+        data, rows = self._reference_rows(stage, index)
+        return data.subsample(rows)
 
     def normal_pool(self) -> dict[str, list[str]]:
         """Normal training image paths per source class."""
