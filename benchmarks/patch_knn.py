@@ -38,7 +38,7 @@ from torch import nn
 from anomalib_cgad.components.backbone import FeatureExtractor
 from anomalib_cgad.components.patch_knn import patch_knn_map
 from anomalib_cgad.components.reference_bank import ReferenceBank
-from anomalib_cgad.models.base import FewShotModuleMixin, default_evaluator
+from anomalib_cgad.models.base import FewShotModuleMixin
 
 
 class PatchKNNModel(nn.Module):
@@ -138,7 +138,7 @@ class PatchKNN(FewShotModuleMixin, AnomalibModule):
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
-            evaluator=default_evaluator() if evaluator is True else evaluator,
+            evaluator=evaluator,
             visualizer=visualizer,
         )
         self.k_shot = k_shot

@@ -13,7 +13,7 @@ concern, each in its own module with its host contract declared as a ``typing.Pr
   ``README.md``, "Bad input".
 
 This module keeps what anomalib asks of a model: ``learning_type``, ``trainer_arguments``, the pre- and
-post-processor, ``forward`` and the validation/test/predict steps.
+post-processor, the evaluator (``configure_evaluator``), ``forward`` and the validation/test/predict steps.
 Around them it
 
 1. at the start of fitting, encodes the training set once into a :class:`TrainingPool` (training
@@ -136,7 +136,7 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
     models on the source classes), ``trainer_arguments`` leaves ``max_epochs`` to the user (without one, the
     model trains for its ``demo_epochs`` instead of Lightning's 1000, see :meth:`on_fit_start`), the
     post-processor is anomalib's ``PostProcessor`` with its threshold at the operating point, the
-    pre-processor resizes without antialiasing.
+    pre-processor resizes without antialiasing and the default evaluator keeps anomalib's metrics per class.
 
     Init order: the model calls ``AnomalibModule.__init__`` (which resolves the components through the
     ``configure_*`` hooks below), then sets ``k_shot``, ``few_shot_source`` and ``model`` (a torch model with
@@ -188,6 +188,15 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
     def configure_post_processor(self) -> PostProcessor:
         """anomalib's post-processor with its threshold fixed at 0: the normal-only operating point of each class."""
         return OperatingPointPostProcessor()
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """anomalib's hook for ``evaluator=True``: its default test metrics, kept per class and averaged.
+
+        ``AnomalibModule.__init__`` calls it only for ``evaluator=True``; an evaluator the user passes is kept
+        and ``evaluator=False`` disables evaluation, as for every anomalib model.
+        """
+        return default_evaluator()
 
     def _init_references(self, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> None:
         """The state of references, checkpoints and the operating point (called last in the model's ``__init__``)."""
