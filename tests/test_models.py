@@ -256,7 +256,7 @@ def test_episodic_models_declare_their_steps_and_mixin_order() -> None:
         def _inner_step(self, category, k, optimizer):
             return torch.zeros(())
 
-    with pytest.raises(TypeError, match="abstract method '?_outer_step"):
+    with pytest.raises(TypeError, match=r"abstract method '?_outer_step"):
         InnerOnly()
     for model_cls in (CGAD, MetaAD):
         mro = model_cls.__mro__
@@ -265,3 +265,19 @@ def test_episodic_models_declare_their_steps_and_mixin_order() -> None:
         assert model_cls.training_step is EpisodicMixin.training_step
         assert model_cls.on_save_checkpoint is not AnomalibModule.on_save_checkpoint  # the tag is written
     assert ResAD.configure_evaluator is FewShotModuleMixin.configure_evaluator
+
+
+@pytest.mark.parametrize("model_cls", [ResAD, MetaAD, CGAD])
+def test_built_models_provide_what_their_mixins_declare(model_cls) -> None:
+    """Each mixin's host Protocol (attributes and methods it uses from the model) holds for a built model."""
+    from anomalib_cgad.models.checkpoints import CheckpointHost
+    from anomalib_cgad.models.episodic import EpisodicHost, EpisodicMixin
+    from anomalib_cgad.models.references import ReferenceHost
+
+    model = model_cls(backbone_weights=None)
+    assert isinstance(model, ReferenceHost)
+    assert isinstance(model, CheckpointHost)
+    if issubclass(model_cls, EpisodicMixin):
+        assert isinstance(model, EpisodicHost)
+    del model.few_shot_source  # a host that forgot an attribute no longer satisfies the contract
+    assert not isinstance(model, ReferenceHost)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -41,6 +41,7 @@ def _plugin_version() -> str:
     return __version__
 
 
+@runtime_checkable
 class CheckpointHost(Protocol):
     """What :class:`CheckpointMixin` needs from the class it is mixed into (an ``AnomalibModule``).
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -33,6 +33,7 @@ from anomalib_cgad.validation import check_choice, check_count
 logger = logging.getLogger(__name__)
 
 
+@runtime_checkable
 class EpisodicHost(Protocol):
     """What :class:`EpisodicMixin` needs from the class it is mixed into, besides the two abstract steps.
 

@@ -22,7 +22,7 @@ operating point (:mod:`anomalib_cgad.components.operating_point`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -44,6 +44,7 @@ USE_CHECKPOINT_BANK = "checkpoint"  # few_shot_source value: score against the b
 __all__ = ["DEFAULT_K_SHOT", "USE_CHECKPOINT_BANK", "ReferenceError", "ReferenceHost", "ReferenceMixin"]
 
 
+@runtime_checkable
 class ReferenceHost(Protocol):
     """What :class:`ReferenceMixin` needs from the class it is mixed into (an ``AnomalibModule``).
 
