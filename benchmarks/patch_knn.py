@@ -10,7 +10,7 @@ Steps (for a test image of a class whose k normal references are known):
    Gaussian (anomalib's ``GaussianBlur2d``);
 4. the image score is the maximum of the map.
 
-The Lightning module mixes in :class:`~anomalib_cgad.models.base.ReferenceMixin`, so it receives exactly the
+The Lightning module mixes in :class:`~anomalib_cgad.models.base.FewShotModuleMixin`, so it receives exactly the
 references the trained models receive (the cross-class datamodule's ``reference_images``), uses the same
 pre-processor and per-class evaluator, and learns its threshold with anomalib's post-processor on the source
 classes' validation. It is a baseline: it is *not* registered as an anomalib-cgad plugin model.
@@ -39,7 +39,7 @@ from anomalib_cgad.components.backbone import FeatureExtractor
 from anomalib_cgad.components.bank_model import BankModel
 from anomalib_cgad.components.patch_knn import patch_knn_map
 from anomalib_cgad.components.reference_bank import ReferenceBank
-from anomalib_cgad.models.base import ReferenceMixin, default_evaluator
+from anomalib_cgad.models.base import FewShotModuleMixin
 
 
 class PatchKNNModel(BankModel):
@@ -106,7 +106,7 @@ class PatchKNNModel(BankModel):
         return self.forward_with_bank(images, self.bank.tensors())
 
 
-class PatchKNN(ReferenceMixin, AnomalibModule):
+class PatchKNN(FewShotModuleMixin, AnomalibModule):
     """Training-free k-shot patch-kNN baseline (FEW_SHOT: ``Engine.fit`` only validates, to learn thresholds).
 
     Args:
@@ -145,7 +145,7 @@ class PatchKNN(ReferenceMixin, AnomalibModule):
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
-            evaluator=default_evaluator() if evaluator is True else evaluator,
+            evaluator=evaluator,
             visualizer=visualizer,
         )
         self.k_shot = k_shot

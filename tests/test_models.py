@@ -241,3 +241,43 @@ def test_reference_bank_switches_with_the_class(cross_class, tmp_path) -> None:
         with torch.no_grad():
             scores[name] = model.model(model.pre_processor.transform(query)).pred_score.mean()
     assert scores["own"] < scores["other"], scores
+
+
+def test_episodic_models_declare_their_steps_and_mixin_order() -> None:
+    """EpisodicMixin's two steps are abstract (a model missing one is refused) and the mixins precede anomalib's."""
+    from anomalib.models.components import AnomalibModule
+
+    from anomalib_cgad.models.base import FewShotModuleMixin
+    from anomalib_cgad.models.episodic import EpisodicMixin
+
+    assert EpisodicMixin.__abstractmethods__ == frozenset({"_inner_step", "_outer_step"})
+
+    class InnerOnly(EpisodicMixin, FewShotModuleMixin, AnomalibModule):
+        def _inner_step(self, category, k, optimizer):
+            return torch.zeros(())
+
+    with pytest.raises(TypeError, match=r"abstract method '?_outer_step"):
+        InnerOnly()
+    for model_cls in (CGAD, MetaAD):
+        mro = model_cls.__mro__
+        assert not model_cls.__abstractmethods__
+        assert mro.index(EpisodicMixin) < mro.index(FewShotModuleMixin) < mro.index(AnomalibModule)
+        assert model_cls.training_step is EpisodicMixin.training_step
+        assert model_cls.on_save_checkpoint is not AnomalibModule.on_save_checkpoint  # the tag is written
+    assert ResAD.configure_evaluator is FewShotModuleMixin.configure_evaluator
+
+
+@pytest.mark.parametrize("model_cls", [ResAD, MetaAD, CGAD])
+def test_built_models_provide_what_their_mixins_declare(model_cls) -> None:
+    """Each mixin's host Protocol (attributes and methods it uses from the model) holds for a built model."""
+    from anomalib_cgad.models.checkpoints import CheckpointHost
+    from anomalib_cgad.models.episodic import EpisodicHost, EpisodicMixin
+    from anomalib_cgad.models.references import ReferenceHost
+
+    model = model_cls(backbone_weights=None)
+    assert isinstance(model, ReferenceHost)
+    assert isinstance(model, CheckpointHost)
+    if issubclass(model_cls, EpisodicMixin):
+        assert isinstance(model, EpisodicHost)
+    del model.few_shot_source  # a host that forgot an attribute no longer satisfies the contract
+    assert not isinstance(model, ReferenceHost)

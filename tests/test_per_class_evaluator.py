@@ -114,3 +114,21 @@ def test_a_metric_that_cannot_be_computed_for_a_class_is_skipped() -> None:
 def test_default_has_anomalib_test_metrics() -> None:
     names = [metric.name for metric in PerClassEvaluator.default().test_metrics]
     assert names == ["image_AUROC", "image_F1Score", "image_FalseAlarmRate", "pixel_AUROC", "pixel_F1Score"]
+
+
+@pytest.mark.parametrize("name", ["ResAD", "MetaAD", "CGAD"])
+def test_models_resolve_the_evaluator_through_anomalib_hook(name: str) -> None:
+    """``evaluator=True`` goes through ``configure_evaluator`` (per class); a passed one is kept, ``False`` is none."""
+    from anomalib.metrics import Evaluator
+    from anomalib.models import get_model
+
+    default = get_model(name.lower(), backbone_weights=None).evaluator
+    assert type(default) is PerClassEvaluator
+    assert [m.name for m in default.test_metrics] == [m.name for m in PerClassEvaluator.default().test_metrics]
+    model_class = type(get_model(name.lower(), backbone_weights=None, evaluator=False))
+    assert model_class.__name__ == name
+    mine = Evaluator(test_metrics=[AUROC(fields=["pred_score", "gt_label"], prefix="image_")])
+    assert model_class(backbone_weights=None, evaluator=mine).evaluator is mine
+    assert model_class(backbone_weights=None, evaluator=False).evaluator is None
+    with pytest.raises(TypeError, match="Evaluator"):
+        model_class(backbone_weights=None, evaluator="yes")

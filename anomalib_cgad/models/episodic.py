@@ -18,30 +18,83 @@ computed and which parameters the outer level tunes).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_cgad.components.confidence_margin import MARGINS, confidence_margin_loss, outer_backward
 from anomalib_cgad.components.episodes import DIRECTIONS, EpisodeSampler
+from anomalib_cgad.components.training_pool import TrainingPool
 from anomalib_cgad.validation import check_choice, check_count
 
 logger = logging.getLogger(__name__)
 
 
-class EpisodicMixin:
+@runtime_checkable
+class EpisodicHost(Protocol):
+    """What :class:`EpisodicMixin` needs from the class it is mixed into, besides the two abstract steps.
+
+    ``training_pool`` (with ``classes`` and a seeded ``generator``) comes from
+    :class:`~anomalib_cgad.models.base.FewShotModuleMixin`, built in ``on_train_start``; ``model`` is the
+    torch model, whose ``temperature()`` is logged each step; ``optimizers``, ``manual_backward``, ``log``
+    and ``automatic_optimization`` are Lightning's.
+    """
+
+    training_pool: TrainingPool | None
+    model: torch.nn.Module
+    automatic_optimization: bool
+
+    def optimizers(self) -> list[torch.optim.Optimizer]: ...
+
+    def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None: ...
+
+    def log(self, name: str, value, *args, **kwargs) -> None: ...
+
+
+class EpisodicMixin(ABC):
     """Episode sampling, the outer update and ``training_step`` of a meta-learning model.
 
-    The model calls :meth:`_check_episode_options` before ``AnomalibModule.__init__``, :meth:`_init_episodes`
-    after it, :meth:`_init_sampler` in ``on_train_start`` (once its training pool is built), and returns
-    ``[inner, *outer]`` optimisers from ``configure_optimizers``.
+    The host (:class:`EpisodicHost`) implements :meth:`_inner_step` and :meth:`_outer_step` (a model missing
+    one cannot be built: ``TypeError``) and lists this mixin first in its bases, before
+    ``FewShotModuleMixin`` and ``AnomalibModule``, so that its ``training_step`` is the one Lightning calls.
+    Init order, in the model's ``__init__`` and hooks:
+
+    1. :meth:`_check_episode_options` before ``AnomalibModule.__init__`` (a bad option fails before the
+       backbone is built);
+    2. ``AnomalibModule.__init__``, then :meth:`_init_episodes` (it switches to manual optimisation, which
+       must happen before Lightning's trainer sees the model);
+    3. :meth:`_init_sampler` in ``on_train_start``, after the training pool is built (the sampler draws from
+       the pool's classes);
+    4. ``configure_optimizers`` returns ``[inner, *outer]``: :meth:`training_step` gives the first to
+       :meth:`_inner_step` and the others to :meth:`_outer_step`.
     """
 
     inner_log_name = "inner_loss"
     """Progress-bar name of the inner level's loss."""
     margin_pairs = 4096
     """At most this many ID and as many OOD patches enter one class's margin loss."""
+
+    @abstractmethod
+    def _inner_step(self, category: str, k: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """One inner-level update on ``category`` with ``k`` references, stepping ``optimizer``.
+
+        Returns:
+            torch.Tensor: the (detached) inner loss, averaged over the episode's inner classes and logged.
+        """
+
+    @abstractmethod
+    def _outer_step(
+        self, outer_classes: Sequence[str], k: int, optimizers: list[torch.optim.Optimizer]
+    ) -> dict[str, torch.Tensor]:
+        """The outer-level update on the episode's OOD classes, usually through :meth:`_outer_update`.
+
+        Returns:
+            dict[str, torch.Tensor]: values to log (``outer_loss`` is added to the step's loss), ``{}`` if
+            nothing was stepped.
+        """
 
     @staticmethod
     def _check_episode_options(k_shot: int, k_choices: Sequence[int], direction: str, margin: str) -> None:

@@ -38,13 +38,13 @@ from torch import nn
 
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import DEFAULT_K_SHOT, ReferenceMixin, default_evaluator
+from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
 from anomalib_cgad.models.cgad.torch_model import CGADModel
 from anomalib_cgad.models.episodic import EpisodicMixin
 from anomalib_cgad.models.resad.loss import BoundaryEMA, flow_loss_paper, occ_paper
 
 
-class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
+class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
     """CGAD lightning module (the default model of anomalib-cgad).
 
     Args:
@@ -134,7 +134,7 @@ class CGAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
-            evaluator=default_evaluator() if evaluator is True else evaluator,
+            evaluator=evaluator,
             visualizer=visualizer,
         )
         self._init_episodes(

@@ -29,7 +29,7 @@ from torch import nn
 
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import DEFAULT_K_SHOT, ReferenceMixin, default_evaluator
+from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
 from anomalib_cgad.models.episodic import EpisodicMixin
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
 from anomalib_cgad.validation import check_choice
@@ -37,7 +37,7 @@ from anomalib_cgad.validation import check_choice
 INNER_MODES = ("one_class", "supervised")
 
 
-class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
+class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
     """MetaAD lightning module.
 
     Args:
@@ -127,7 +127,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
-            evaluator=default_evaluator() if evaluator is True else evaluator,
+            evaluator=evaluator,
             visualizer=visualizer,
         )
         self._init_episodes(

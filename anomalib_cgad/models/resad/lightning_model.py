@@ -38,7 +38,7 @@ from torch import nn
 from anomalib_cgad.components.flow import chunks
 from anomalib_cgad.components.reference_bank import ReferenceBank, batched_residual_features, flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import DEFAULT_K_SHOT, ReferenceMixin, default_evaluator
+from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
 from anomalib_cgad.models.resad.loss import (
     BoundaryEMA,
     flow_loss_official,
@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
+class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
     """ResAD lightning module.
 
     Args:
@@ -174,7 +174,7 @@ class ResAD(BankExportMixin, ReferenceMixin, AnomalibModule):
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
-            evaluator=default_evaluator() if evaluator is True else evaluator,
+            evaluator=evaluator,
             visualizer=visualizer,
         )
         options = {**PRESETS[preset]}
