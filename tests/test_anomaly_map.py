@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
+from anomalib_cgad.components.anomaly_map import AnomalyMapGenerator
 
 
 @pytest.mark.parametrize(("size", "sigma"), [((64, 64), 4.0), ((160, 224), 4.0), ((96, 80), 2.0)])

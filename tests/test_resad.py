@@ -13,9 +13,7 @@ from anomalib.engine import Engine
 from anomalib_cgad import ResAD
 from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
 from anomalib_cgad.components.reference_bank import BankMismatchError, flatten_patches
-from anomalib_cgad.components.training_pool import ClassPool, TrainingPool
-from anomalib_cgad.data import CrossClass, make_synthetic_mvtec
-from anomalib_cgad.models.resad.loss import (
+from anomalib_cgad.components.residual_loss import (
     BoundaryEMA,
     flow_loss_official,
     flow_loss_paper,
@@ -23,6 +21,8 @@ from anomalib_cgad.models.resad.loss import (
     occ_log_barrier,
     occ_paper,
 )
+from anomalib_cgad.components.training_pool import ClassPool, TrainingPool
+from anomalib_cgad.data import CrossClass, make_synthetic_mvtec
 
 SIZE = (96, 96)
 

@@ -37,11 +37,11 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.components.residual_loss import BoundaryEMA, flow_loss_paper, occ_paper
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
 from anomalib_cgad.models.cgad.torch_model import CGADModel
 from anomalib_cgad.models.episodic import EpisodicMixin
-from anomalib_cgad.models.resad.loss import BoundaryEMA, flow_loss_paper, occ_paper
 
 
 class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):

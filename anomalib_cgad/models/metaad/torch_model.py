@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 from torch import nn
 
+from anomalib_cgad.components.anomaly_map import AnomalyMapGenerator
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, FeatureExtractor
 from anomalib_cgad.components.bank_model import BankModel
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
 from anomalib_cgad.components.reference_bank import ReferenceBank
-from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
 from anomalib_cgad.validation import check_choice
 
 INPUTS = ("residual", "raw")

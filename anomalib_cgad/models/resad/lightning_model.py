@@ -19,7 +19,7 @@ Paper: https://arxiv.org/abs/2410.20047
 
 See Also:
     :class:`anomalib_cgad.models.resad.torch_model.ResADModel`: the PyTorch model.
-    :class:`anomalib_cgad.models.resad.anomaly_map.AnomalyMapGenerator`: the anomaly map.
+    :class:`anomalib_cgad.components.anomaly_map.AnomalyMapGenerator`: the anomaly map.
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ from torch import nn
 
 from anomalib_cgad.components.flow import chunks
 from anomalib_cgad.components.reference_bank import ReferenceBank, batched_residual_features, flatten_patches
-from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
-from anomalib_cgad.models.resad.loss import (
+from anomalib_cgad.components.residual_loss import (
     BoundaryEMA,
     flow_loss_official,
     flow_loss_paper,
     occ_log_barrier,
     occ_paper,
 )
+from anomalib_cgad.deploy.export_mixin import BankExportMixin
+from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
 from anomalib_cgad.models.resad.torch_model import ResADModel
 from anomalib_cgad.validation import check_choice, check_count
 

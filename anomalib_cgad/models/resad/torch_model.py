@@ -23,12 +23,12 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
+from anomalib_cgad.components.anomaly_map import AnomalyMapGenerator
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, FeatureExtractor
 from anomalib_cgad.components.bank_model import BankModel
 from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
 from anomalib_cgad.components.flow import ConditionalFlow
 from anomalib_cgad.components.reference_bank import ReferenceBank
-from anomalib_cgad.models.resad.anomaly_map import AnomalyMapGenerator
 
 
 class FeatureConstraintor(nn.ModuleList):

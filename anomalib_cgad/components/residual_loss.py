@@ -1,4 +1,4 @@
-"""ResAD losses (constraintor OCC losses and flow losses), for the ``paper`` and ``official`` presets.
+"""ResAD's residual losses (constraintor OCC and flow losses, ``paper``/``official`` presets); CGAD reuses them.
 
 Notation: ``x'`` constrained feature rows ``(N, C)``, ``r`` the (detached) residual rows, ``y`` per-row
 anomaly coverage in ``[0, 1]`` (a row counts as abnormal when ``y ≥ 0.5``), ``logp`` the per-dimension
