@@ -48,8 +48,18 @@ def test_runner_writes_results_tables_and_plots(synthetic_root, tmp_path) -> Non
         (m, k) for m in ("CGAD", "PatchKNN", "Patchcore") for k in (1, 2)
     )
     assert set(ok["class"]) == set(TARGETS)
-    for column in ("image_AUROC", "pixel_AUROC", "AUPRO", "F1_transferred", "F1_oracle", "F1_normal_only",
-                   "false_alarm_rate", "miss_rate", "false_alarm_rate_at_0.01", "false_alarm_rate_at_0.1"):
+    for column in (
+        "image_AUROC",
+        "pixel_AUROC",
+        "AUPRO",
+        "F1_transferred",
+        "F1_oracle",
+        "F1_normal_only",
+        "false_alarm_rate",
+        "miss_rate",
+        "false_alarm_rate_at_0.01",
+        "false_alarm_rate_at_0.1",
+    ):
         assert ok[column].between(0, 1).all(), ok[column]  # every model, peers too, has a normal-only label
     assert (ok["false_alarm_rate_at_0.01"] <= ok["false_alarm_rate_at_0.1"]).all()
     knn = ok[ok.model == "PatchKNN"]
