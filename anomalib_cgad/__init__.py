@@ -27,9 +27,8 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-
 from anomalib_cgad.console import quiet_lightning_tips
+from anomalib_cgad.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 __all__ = ["CGAD", "MetaAD", "ResAD", "__version__"]
@@ -45,18 +44,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        msg = f"module 'anomalib_cgad' has no attribute '{name}'"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
 
 
 # stdlib logging only: every run that imports the plugin (anomalib's CLI through the start-up hook) gets it.

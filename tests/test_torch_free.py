@@ -189,7 +189,7 @@ def test_bank_and_predict_ov_run_without_torch(export, synthetic_root, tmp_path)
 def test_models_register_when_a_plugin_module_imports_anomalib_first(statement: str) -> None:
     """The start-up hook imports the models after the plugin module that pulled in ``anomalib.models``."""
     code = (
-        f"import warnings\nwarnings.simplefilter('error')\n{statement}\n"
+        f"import warnings\nwarnings.filterwarnings('error', message='anomalib-cgad')\n{statement}\n"
         "import sys, anomalib.models as am\n"
         "print('REGISTERED', 'anomalib_cgad.models' in sys.modules and am.CGAD.__name__)\n"
     )

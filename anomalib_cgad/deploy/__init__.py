@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+from anomalib_cgad.lazy import lazy_attributes
 
 # Names resolved on first access (PEP 562) -> their module. ``inferencer`` needs numpy, Pillow and openvino
 # only; ``export_mixin`` and ``openvino`` need torch and anomalib, so importing them here would make
@@ -25,7 +25,7 @@ _LAZY = {
     "BankExportMixin": "anomalib_cgad.deploy.export_mixin",
     "F32_CONFIG": "anomalib_cgad.deploy.inferencer",
     "Bank": "anomalib_cgad.deploy.inferencer",
-    "BankError": "anomalib_cgad.deploy.inferencer",
+    "BankError": "anomalib_cgad.errors",
     "BankInferencer": "anomalib_cgad.deploy.inferencer",
     "export_swappable_bank": "anomalib_cgad.deploy.openvino",
     "load_model_bank": "anomalib_cgad.deploy.openvino",
@@ -47,15 +47,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        msg = f"module 'anomalib_cgad.deploy' has no attribute '{name}'"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
