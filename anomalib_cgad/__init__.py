@@ -27,6 +27,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 from anomalib_cgad.console import quiet_lightning_tips
 from anomalib_cgad.lazy import lazy_attributes
 
@@ -49,3 +52,9 @@ __getattr__, __dir__ = lazy_attributes(globals(), _LAZY)
 
 # stdlib logging only: every run that imports the plugin (anomalib's CLI through the start-up hook) gets it.
 quiet_lightning_tips()
+
+# With anomalib's models already imported, torch is loaded anyway: register ours now. A start-up hook copied
+# into site-packages before this package became lazy (an editable install not re-installed) imports
+# ``anomalib_cgad`` right after ``anomalib.models`` and relies on this.
+if "anomalib.models" in sys.modules:
+    importlib.import_module("anomalib_cgad.models")
