@@ -32,7 +32,7 @@ ANOMALIB_SUBCOMMANDS = {"train", "fit", "validate", "test", "predict", "export",
 def _run_anomalib(argv: list[str]) -> None:
     from anomalib.cli.cli import main as anomalib_main
 
-    import anomalib_cgad  # noqa: F401 - registers the models before anomalib parses
+    import anomalib_cgad.models  # noqa: F401 - registers the models before anomalib parses
     from anomalib_cgad.errors import install_excepthook
 
     install_excepthook()  # again: importing anomalib's CLI installed rich's traceback hook over ours

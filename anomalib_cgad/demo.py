@@ -21,6 +21,8 @@ import logging
 import time
 from pathlib import Path
 
+from anomalib_cgad.versioning import next_version_folder
+
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_SOURCES = ["stripes", "dots", "checker"]
@@ -47,12 +49,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_demo)
 
 
-def _next_version(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit()]
-    path = root / f"v{max(taken, default=-1) + 1}"
-    path.mkdir()
-    return path
+# The name models/base.py imported before the helper got its own module.
+_next_version = next_version_folder
 
 
 def build_datamodule(dataset: str, out: Path, k_shot: int, reference_seed: int, image_size: int):
@@ -309,7 +307,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
     # flow's random rotations, drawn with numpy) use the global generators: without this, two runs differed by up
     # to 0.004 image AUROC and 0.05 F1.
     seed_everything(args.seed, workers=True, verbose=False)
-    out = _next_version(Path(args.out))
+    out = next_version_folder(args.out)
     datamodule, title = build_datamodule(args.dataset, out, args.k_shot, args.reference_seed, args.image_size)
     model_class = type(get_model(args.model))
     size = (args.image_size, args.image_size)

@@ -28,6 +28,15 @@ _PACKAGE = Path(__file__).resolve().parent
 HINT = f"(for the full traceback: {TRACEBACK_ENV}=1, or anomalib-cgad --verbose)"
 
 
+class BankError(ValueError):
+    """A reference bank (tensors or file) is unreadable or does not fit the model that should use it.
+
+    The one bank error of the plugin: the torch models (``components/reference_bank.py``, where it is also
+    importable as ``BankMismatchError``) and the torch-free deployment (``deploy/inferencer.py``) raise it,
+    so it lives here, in a stdlib-only module both can import.
+    """
+
+
 def is_ours(exc: BaseException) -> bool:
     """Whether ``exc`` was raised on purpose by anomalib-cgad code (see the module docstring)."""
     if not isinstance(exc, OUR_KINDS):

@@ -56,6 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anomalib_cgad.versioning import next_version_folder
+
 MODELS = ("CGAD", "ResAD", "MetaAD")
 
 
@@ -97,16 +99,6 @@ def _operating_point(inferencer, bank) -> np.ndarray:
     """The bank graph's ``operating_point`` input for timing: the bank's statistics, ``tau = 0`` (cost is the same)."""
     del inferencer
     return np.array([*np.asarray(bank.reference_stats).reshape(2), 0.0], dtype=np.float32)
-
-
-def _next_folder(root: Path, name: str) -> Path:
-    base = root / name
-    version = 1
-    while (base / f"v{version}").exists():
-        version += 1
-    folder = base / f"v{version}"
-    folder.mkdir(parents=True, exist_ok=False)
-    return folder
 
 
 def _bf16_supported(core) -> bool:
@@ -175,7 +167,7 @@ def _timed_run(args: argparse.Namespace) -> tuple[list[dict], Path]:
     from anomalib_cgad.deploy import BankInferencer, export_swappable_bank
 
     suffix = "".join(f"_{key}{value}" for key, value in args.set.items())
-    folder = _next_folder(Path(args.out), f"{args.model}{suffix}_{args.image_size}px")
+    folder = next_version_folder(Path(args.out) / f"{args.model}{suffix}_{args.image_size}px")
     size = args.image_size
     models = {name: build_model(args.model, size, args.k, args.seed, options) for name, options in _variants(args)}
     first = next(iter(models.values()))

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch import seed_everything
 
+from anomalib_cgad.versioning import next_version_folder
 from benchmarks.collection import OVERLAYS_PER_CLASS, MemoryMonitor, ScoreCollector
 from benchmarks.config import (
     ALL_MODELS,
@@ -314,12 +315,7 @@ def peer_normal_only(model, cross, index: int, calibration: dict, rate: float) -
 
 def next_run_folder(root: str | Path, name: str) -> Path:
     """A new ``<root>/<name>/v<N>`` folder (never an existing one)."""
-    base = Path(root) / name
-    base.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[1:]) for p in base.glob("v*") if p.name[1:].isdigit()]
-    folder = base / f"v{max(taken, default=-1) + 1}"
-    folder.mkdir()
-    return folder
+    return next_version_folder(Path(root) / name)
 
 
 def run_benchmark(config: dict, out: str | Path = "results/benchmarks") -> Path:

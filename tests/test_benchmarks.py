@@ -291,7 +291,7 @@ def test_deploy_speed_writes_latency_and_arithmetic_tables(tmp_path) -> None:
     main(["--image-size", "64", "--batch-sizes", "1", "--iterations", "1", "--warmup", "0", "--threads", "1",
           "--no-bf16", "--out", str(out)])  # fmt: skip
     assert torch.get_num_threads() == threads  # --threads applied to the run only (later tests compare processes)
-    folder = out / "CGAD_64px" / "v1"
+    folder = out / "CGAD_64px" / "v0"  # the first version folder, as for every run folder
     with (folder / "results.csv").open() as handle:
         rows = {(r["component"], r["runtime"]): r for r in csv.DictReader(handle)}
     assert set(rows) == {(c, r) for c in ("backbone", "CGAD") for r in ("torch", "OpenVINO")}

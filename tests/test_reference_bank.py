@@ -15,7 +15,7 @@ from anomalib_cgad.components.reference_bank import (
     nearest_reference,
     residual_features,
 )
-from anomalib_cgad.deploy.inferencer import coreset_indices
+from anomalib_cgad.coreset import coreset_indices
 from anomalib_cgad.models.base import load_images
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None])

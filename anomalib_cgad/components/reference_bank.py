@@ -38,7 +38,8 @@ from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 from anomalib_cgad.components.tracing import is_tracing
-from anomalib_cgad.deploy.inferencer import check_coreset_fraction, coreset_indices
+from anomalib_cgad.coreset import check_coreset_fraction, coreset_indices
+from anomalib_cgad.errors import BankError
 from anomalib_cgad.safe_load import load_weights_only
 from anomalib_cgad.validation import check_choice
 
@@ -47,8 +48,8 @@ RESIDUAL = ("diff", "sq_diff")
 BANK_FORMAT = "anomalib-cgad-bank/1"
 
 
-class BankMismatchError(ValueError):
-    """A reference bank does not fit the model that should use it."""
+# The plugin has one bank error; this name stays for code (and tests) written against the torch bank.
+BankMismatchError = BankError
 
 
 def flatten_patches(feature: torch.Tensor) -> torch.Tensor:
@@ -212,7 +213,7 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
         residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
         coreset (float): share of the reference patches :meth:`build` keeps per level, a greedy k-center
-            coreset (:func:`~anomalib_cgad.deploy.inferencer.coreset_indices`); ``1`` keeps all (exact search).
+            coreset (:func:`~anomalib_cgad.coreset.coreset_indices`); ``1`` keeps all (exact search).
             Defaults to ``1.0``.
 
     Attributes:
@@ -264,11 +265,11 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         """Store an already flattened bank (one ``(M_l, C_l)`` tensor per level)."""
         if len(bank) != self.num_levels:
             msg = f"A bank needs {self.num_levels} levels, got {len(bank)}."
-            raise BankMismatchError(msg)
+            raise BankError(msg)
         for level, tensor in enumerate(bank):
             if not torch.isfinite(tensor).all():
                 msg = f"Reference features of level {level} contain NaN or inf values."
-                raise BankMismatchError(msg)
+                raise BankError(msg)
             setattr(self, f"bank_{level}", tensor.detach().clone())
         if num_refs is not None:
             self.num_refs = torch.tensor(int(num_refs))
@@ -299,24 +300,24 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
 
         Raises:
             FileNotFoundError: no such file.
-            BankMismatchError: not a bank file, or built with another backbone/layers/image size.
+            BankError: not a bank file, or built with another backbone/layers/image size.
         """
         path = Path(path)
         payload = load_weights_only(
             path,
-            BankMismatchError,
+            BankError,
             missing="Bank file '{path}' does not exist.",
             unreadable="'{path}' is not a readable reference bank file: {exc}",
         )
         if not isinstance(payload, dict) or payload.get("format") != BANK_FORMAT:
             msg = f"'{path}' is not an anomalib-cgad reference bank file."
-            raise BankMismatchError(msg)
+            raise BankError(msg)
         check_bank_metadata(payload.get("metadata", {}), expected or {}, source=str(path))
         return list(payload["levels"])
 
 
 def check_bank_metadata(found: dict, expected: dict, source: str = "the bank") -> None:
-    """Raise :class:`BankMismatchError` naming every key where ``found`` differs from ``expected``."""
+    """Raise :class:`~anomalib_cgad.errors.BankError` naming every key where ``found`` differs from ``expected``."""
     problems = [
         f"{key}: bank has {found.get(key)!r}, model expects {value!r}"
         for key, value in expected.items()
@@ -324,7 +325,7 @@ def check_bank_metadata(found: dict, expected: dict, source: str = "the bank") -
     ]
     if problems:
         msg = f"{source} was built for another model configuration: " + "; ".join(problems)
-        raise BankMismatchError(msg)
+        raise BankError(msg)
 
 
 def _normalise(value: object) -> object:

@@ -14,16 +14,25 @@ Example:
     >>> inferencer.predict("query.png", bank)["pred_score"]  # doctest: +SKIP
 """
 
-from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.deploy.inferencer import F32_CONFIG, Bank, BankError, BankInferencer
-from anomalib_cgad.deploy.openvino import (
-    export_swappable_bank,
-    load_model_bank,
-    model_bank,
-    save_model_bank,
-    set_model_bank,
-)
+from __future__ import annotations
 
+from anomalib_cgad.lazy import lazy_attributes
+
+# Names resolved on first access (PEP 562) -> their module. ``inferencer`` needs numpy, Pillow and openvino
+# only; ``export_mixin`` and ``openvino`` need torch and anomalib, so importing them here would make
+# ``from anomalib_cgad.deploy import BankInferencer`` (and every ``anomalib_cgad.deploy.*`` import) need torch.
+_LAZY = {
+    "BankExportMixin": "anomalib_cgad.deploy.export_mixin",
+    "F32_CONFIG": "anomalib_cgad.deploy.inferencer",
+    "Bank": "anomalib_cgad.deploy.inferencer",
+    "BankError": "anomalib_cgad.errors",
+    "BankInferencer": "anomalib_cgad.deploy.inferencer",
+    "export_swappable_bank": "anomalib_cgad.deploy.openvino",
+    "load_model_bank": "anomalib_cgad.deploy.openvino",
+    "model_bank": "anomalib_cgad.deploy.openvino",
+    "save_model_bank": "anomalib_cgad.deploy.openvino",
+    "set_model_bank": "anomalib_cgad.deploy.openvino",
+}
 __all__ = [
     "F32_CONFIG",
     "Bank",
@@ -36,3 +45,6 @@ __all__ = [
     "save_model_bank",
     "set_model_bank",
 ]
+
+
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)

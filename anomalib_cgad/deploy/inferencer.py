@@ -1,7 +1,8 @@
 """Torch-free OpenVINO inference with a swappable reference bank (numpy, Pillow and openvino only).
 
-This file imports nothing from torch, anomalib or the rest of anomalib-cgad, so a deployment can run it
-(or a copy of it) on a machine without torch. It reads the folder written by
+This file imports nothing from torch or anomalib (from anomalib-cgad only two stdlib/numpy leaf modules:
+``coreset.py``, the bank's coreset, and ``errors.py``, :class:`~anomalib_cgad.errors.BankError`), so a
+deployment runs it on a machine without torch. It reads the folder written by
 :func:`anomalib_cgad.deploy.export_swappable_bank` (or by ``anomalib export --export_type openvino`` on a
 model with :class:`anomalib_cgad.deploy.BankExportMixin`):
 
@@ -58,6 +59,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from anomalib_cgad.coreset import coreset_indices
+from anomalib_cgad.errors import BankError
+
 BANK_MODEL = "bank_model"
 BANK_ENCODER = "bank_encoder"
 BANK_FILE = "bank.npz"
@@ -108,64 +112,6 @@ def check_ir_belongs(folder: Path, metadata: dict) -> None:
             "(another model exported into the same root?); re-export this model or use its own export root."
         )
         raise BankError(msg)
-
-
-def check_coreset_fraction(fraction: float) -> None:
-    """Raise ``ValueError`` unless ``fraction`` (the share of reference patches a bank keeps) lies in ``(0, 1]``."""
-    if not 0.0 < fraction <= 1.0:
-        msg = f"reference_coreset must lie in (0, 1], got {fraction}."
-        raise ValueError(msg)
-
-
-def coreset_indices(rows: np.ndarray, fraction: float, cosine: bool = False) -> np.ndarray:
-    """Rows to keep of a reference bank level: a greedy k-center coreset of ``ceil(fraction · M)`` rows.
-
-    Each step adds the row farthest from the rows already kept (Sener & Savarese, 2018), so every dropped
-    reference patch has a kept one close to it and the nearest-reference search gets ``1/fraction`` times
-    cheaper while the residual of a normal query grows little. Deterministic: it starts from row 0 and takes
-    the first row on ties, so the same references always give the same bank. With ``cosine`` the distances are
-    those of the unit-normalised rows (the geometry of cosine matching). Written in numpy so the torch-free
-    :class:`BankInferencer` selects exactly the rows the torch models select (they call this function).
-
-    (anomalib's ``KCenterGreedy`` is the same greedy for PatchCore's memory bank, but it needs torch, starts
-    from a random row and projects rows to ~180 dimensions, more than the 40-112 channels of a bank level.)
-
-    Args:
-        rows (np.ndarray): ``(M, C)`` bank rows.
-        fraction (float): share of rows to keep, in ``(0, 1]``; ``1`` keeps every row.
-        cosine (bool): measure distances between unit-normalised rows. Defaults to ``False``.
-
-    Returns:
-        np.ndarray: sorted int64 indices of the kept rows.
-
-    Example:
-        >>> rows = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.1]])
-        >>> coreset_indices(rows, 0.5).tolist()
-        [0, 3]
-    """
-    check_coreset_fraction(fraction)
-    rows = np.asarray(rows, dtype=np.float32)
-    count = rows.shape[0]
-    size = min(count, max(1, int(np.ceil(fraction * count - 1e-9))))
-    if size >= count:
-        return np.arange(count, dtype=np.int64)
-    if cosine:
-        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    squared = np.einsum("ij,ij->i", rows, rows)
-    chosen = np.empty(size, dtype=np.int64)
-    chosen[0] = 0
-    nearest = squared - 2 * rows @ rows[0] + squared[0]  # squared distance of every row to the kept ones
-    nearest[0] = -np.inf  # kept rows are never picked again (rounding can leave them slightly above 0)
-    for step in range(1, size):
-        index = int(np.argmax(nearest))
-        chosen[step] = index
-        nearest = np.minimum(nearest, squared - 2 * rows @ rows[index] + squared[index])
-        nearest[index] = -np.inf
-    return np.sort(chosen)
-
-
-class BankError(ValueError):
-    """A reference bank file is unreadable or does not fit the model that should use it."""
 
 
 def check_false_alarm_rate(rate: float) -> float:

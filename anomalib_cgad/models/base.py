@@ -371,7 +371,7 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
         names. Each predict run gets its own version folder instead, numbered like the demo's results; a
         folder the user gave the visualizer (``output_dir``) is left alone.
         """
-        from anomalib_cgad.demo import _next_version
+        from anomalib_cgad.versioning import next_version_folder
 
         visualizer = getattr(self, "visualizer", None)
         if visualizer is None or self._trainer is None or not hasattr(visualizer, "output_dir"):
@@ -380,7 +380,7 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
         if visualizer.output_dir is not None and Path(visualizer.output_dir) != root / "images":
             return
         self._visualizer_dir = visualizer.output_dir
-        visualizer.output_dir = _next_version(root / "predict")
+        visualizer.output_dir = next_version_folder(root / "predict")
         logger.info("Prediction images go to %s", visualizer.output_dir)
 
     def _evaluate(self, batch, stage: str, dataloader_idx: int):
