@@ -15,7 +15,7 @@ So every process runs the same batches and the same episodes (an episode's inner
 backward passes a step makes, and all ranks must make the same number) and DDP averages their gradients. The
 result is a model like a one-process run's, not a bit-identical one (nor are two one-process runs under DDP):
 pixel AUROC 0.9843-0.9903 over four two-process runs of the CPU test, 0.9855-0.9886 over five one-process
-runs, image AUROC 1.0 in all; ``tests/test_ddp.py`` requires AUROC within 0.01 of a one-process run.
+runs, image AUROC 1.0 in all; ``tests/integration/test_ddp.py`` requires AUROC within 0.01 of a one-process run.
 The reference bank is computed on every rank from the same references; rank 0 writes the checkpoint
 (Lightning). A second device therefore does not make one training faster: spread *runs* over devices instead
 (one benchmark task per device, ``benchmarks/README.md``).

@@ -18,10 +18,10 @@ the first layer, ``W_c·code + b``, depends only on the position: :class:`Positi
 per position instead of once per row (in eval mode kept with the folded blocks until a weight changes). With
 ``D = 128`` and ``d = C/2 = 20`` that share is 86% of the first layer's multiply-adds, which made the flow the
 largest test-time cost after the backbone (``benchmarks/deploy_speed.py``). The values are those of the plain
-subnet (tests/test_flow.py compares them).
+subnet (tests/integration/test_flow.py compares them).
 
 In eval mode :meth:`ConditionalFlow.forward` runs each level as a :class:`FoldedLevel` (the same function
-with its constants folded into fewer, larger operations; tests/test_flow.py compares the values).
+with its constants folded into fewer, larger operations; tests/integration/test_flow.py compares the values).
 
 It also returns ``mean_c(z)``: with ResAD's abnormal density ``N(𝟙, I)`` the two-class softmax of normal
 vs abnormal likelihood is exactly ``σ(mean_c(z) − ½)`` (the log-density difference is linear in ``z``).

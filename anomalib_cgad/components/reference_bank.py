@@ -88,7 +88,7 @@ def best_index(score: torch.Tensor, aligned: bool = False) -> torch.Tensor:
 
     ``aligned=True`` promises a candidate count that is a multiple of ``BLOCK`` (:func:`nearest_reference` pads
     the bank, not the ``N × M`` scores, while exporting: an OpenVINO ``Pad`` of the scores copied the whole
-    matrix, 2.1 of 26 ms at 256 px). tests/test_reference_bank.py checks that every form gives ``argmax``'s
+    matrix, 2.1 of 26 ms at 256 px). tests/unit/test_reference_bank.py checks that every form gives ``argmax``'s
     index, ties included.
     """
     if torch.onnx.is_in_onnx_export():  # unaligned: e.g. CGAD's leave-one-out search in the bank encoder

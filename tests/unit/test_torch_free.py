@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "anomalib", "lightning", "torchvision", "timm")
 BLOCK = f"import sys\nfor name in {HEAVY!r}:\n    sys.modules[name] = None\n"
 REPORT = f"\nprint('HEAVY', sorted(n for n in {HEAVY!r} if sys.modules.get(n) is not None))\n"

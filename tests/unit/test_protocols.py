@@ -12,7 +12,7 @@ from jsonargparse import ArgumentParser
 
 from anomalib_cgad.data import CrossClass
 
-PROTOCOLS = Path(__file__).absolute().parents[1] / "configs" / "protocols"
+PROTOCOLS = Path(__file__).absolute().parents[2] / "configs" / "protocols"
 MVTEC = {"bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
          "toothbrush", "transistor", "wood", "zipper"}  # fmt: skip
 VISA = {"candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",

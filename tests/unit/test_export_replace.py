@@ -1,7 +1,7 @@
 """Re-export into the same root: written aside, swapped in whole, the user's own files kept, the log says what.
 
 Fast unit tests of :func:`anomalib_cgad.deploy.replace.write_aside_then_swap` with plain file writers; the real
-exports go through it in ``tests/test_anomalib_suite.py`` (every model exports into one shared root there).
+exports go through it in ``tests/integration/test_anomalib_suite.py`` (every model exports into one shared root there).
 """
 
 from __future__ import annotations

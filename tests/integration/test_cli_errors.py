@@ -23,7 +23,7 @@ from anomalib_cgad import MetaAD
 from anomalib_cgad.errors import HINT, _make_hook, is_ours, one_line
 from anomalib_cgad.models.base import ReferenceError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from anomalib_cgad import CGAD
 from anomalib_cgad.data import CrossClass
 from anomalib_cgad.models.base import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_ARGS = ["--model.coupling_blocks", "2", "--model.synthetic_per_class", "2", "--model.seed", "0"]
 ROW = re.compile(r"│\s*(\S+)\s*│\s*([-+0-9.eE]+|nan)\s*│")
 

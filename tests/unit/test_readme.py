@@ -20,7 +20,7 @@ import pytest
 
 from anomalib_cgad.cli import ANOMALIB_SUBCOMMANDS, build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 SETUP = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install -e ")
 
