@@ -145,7 +145,7 @@ def appearance(category: str) -> Callable[[np.random.Generator, int], np.ndarray
     zoom = 1 + 0.5 * (n // len(TINTS))
 
     def variant(rng: np.random.Generator, size: int) -> np.ndarray:
-        big = int(round(size * zoom))
+        big = round(size * zoom)
         start = (big - size) // 2
         return draw(rng, big)[start : start + size, start : start + size] * tint
 
