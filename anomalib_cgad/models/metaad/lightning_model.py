@@ -55,6 +55,12 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         inner_mode (str): ``"one_class"`` or ``"supervised"``. Defaults to ``"one_class"``.
         outer (bool): run the outer level. Defaults to ``True``.
         direction (str): ``"multi"`` or ``"single"``. Defaults to ``"multi"``.
+        epoch_classes (int | None): bound on the episodes of an epoch, so that training time does not grow with
+            the number of training classes: with more classes than this, an epoch runs as many episodes as this
+            many classes' training batches would give (``ceil(batches * epoch_classes / classes)``; the other
+            batches are read but skipped), each episode still drawn over all classes. ``None``: one episode per
+            training batch. Defaults to ``4`` (up to 4 training classes nothing changes; measured in the model
+            README).
         pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
         margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
         learn_temperature (bool): learn ``T``. Defaults to ``True``.
@@ -94,6 +100,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         inner_mode: str = "one_class",
         outer: bool = True,
         direction: str = "multi",
+        epoch_classes: int | None = 4,
         pcgrad: bool = True,
         margin: str = "mean_gap",
         learn_temperature: bool = True,
@@ -117,7 +124,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
     ) -> None:
         check_choice("inner_mode", inner_mode, INNER_MODES)
         k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
-        self._check_episode_options(k_shot, k_choices, direction, margin)
+        self._check_episode_options(k_shot, k_choices, direction, margin, epoch_classes)
         if anomalies_per_class < 0:
             msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
             raise ValueError(msg)
@@ -139,6 +146,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
             inner_queries=inner_queries,
             anomalies_per_class=anomalies_per_class,
             seed=seed,
+            epoch_classes=epoch_classes,
         )
         self.k_shot = k_shot
         self._k_shot_given = k_shot_given
