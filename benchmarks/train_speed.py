@@ -156,7 +156,7 @@ def _setting(text: str) -> tuple[str, dict]:
     try:
         parsed = json.loads(options) if options.strip() else {}
     except json.JSONDecodeError as error:
-        msg = f"--setting {text!r}: the options after '=' must be a JSON object ({error})."
+        msg = f"--setting {text!r}: the options after the first '=' must be a JSON object ({error}); NAME has no '='."
         raise SystemExit(msg) from error
     if not name or not isinstance(parsed, dict):
         msg = f"--setting {text!r}: expected NAME=JSON-object, e.g. unbounded='{{\"epoch_classes\": null}}'."
