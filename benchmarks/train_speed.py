@@ -8,9 +8,11 @@ same images per class and the same epochs, timed by phase:
 - ``pool_s``: the training pool (every training image encoded once, the synthetic anomalies);
 - ``epochs_s``: the training epochs without their validation (data loading and episodes);
 - ``batches``: training batches Lightning iterated; ``steps`` and ``step_ms``: episodes run (a batch past the
-  epoch's episode budget is skipped) and the mean wall time of an episode (the per-step cost);
-- ``val_s``: validation on the source classes' test images (grows with the classes by design: it scores
-  them all; bound it with ``--val-images`` or Lightning's ``limit_val_batches``);
+  epoch's episode budget is skipped) and the mean wall time of an episode (the per-step cost); ``outer_steps``:
+  episodes whose outer level had anomalous patches to step on;
+- ``val_s``: validation on the source classes' test images, once after the last epoch unless ``--val-every``
+  (it grows with the classes by design: it calibrates the operating point on every training class and scores
+  every class's test images; bound it with ``--val-images`` or Lightning's ``limit_val_batches``);
 - ``train_s = pool_s + epochs_s``: the training time the bound is about; ``fit_s``: the whole fit; the
   ``_cpu_s`` columns: the same in CPU seconds of this process (``time.process_time``), which a shared machine
   disturbs much less than the wall time.
@@ -127,7 +129,7 @@ def fit_once(model_name: str, options: dict, classes: list[str], data: Path, wor
     timer = PhaseTimer()
     engine = Engine(
         max_epochs=args.epochs, default_root_dir=work, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, callbacks=[timer],
+        enable_progress_bar=False, callbacks=[timer], check_val_every_n_epoch=args.val_every or args.epochs,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     engine.fit(model=model, datamodule=datamodule)
@@ -140,6 +142,7 @@ def fit_once(model_name: str, options: dict, classes: list[str], data: Path, wor
         "epochs": args.epochs,
         "batches": engine.trainer.num_training_batches * args.epochs,
         "steps": timer.steps,
+        "outer_steps": getattr(model, "outer_steps", None),
         "step_ms": round(1000 * wall["steps"] / max(timer.steps, 1), 1),
         "pool_s": round(wall["pool"], 2),
         "epochs_s": round(wall["epochs"], 2),
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--val-images", type=int, default=2, help="normal and defective test images per class")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--val-every", type=int, help="validate every N epochs (default: once, after the last)")
     parser.add_argument("--batch-size", type=int, default=8, help="training and evaluation batch size")
     parser.add_argument("--k-shot", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
