@@ -55,12 +55,10 @@ class MetaAD(EpisodicMixin, BankExportMixin, ReferenceMixin, AnomalibModule):
         inner_mode (str): ``"one_class"`` or ``"supervised"``. Defaults to ``"one_class"``.
         outer (bool): run the outer level. Defaults to ``True``.
         direction (str): ``"multi"`` or ``"single"``. Defaults to ``"multi"``.
-        epoch_classes (int | None): bound on the episodes of an epoch, so that training time does not grow with
-            the number of training classes: with more classes than this, an epoch runs as many episodes as this
-            many classes' training batches would give (``ceil(batches * epoch_classes / classes)``; the other
-            batches are read but skipped), each episode still drawn over all classes. ``None``: one episode per
-            training batch. Defaults to ``4`` (up to 4 training classes nothing changes; measured in the model
-            README).
+        epoch_classes (int | None): with more training classes than this, an epoch runs as many episodes as
+            this many classes' training batches would give, so training time stops growing with the classes
+            (:meth:`~anomalib_cgad.models.episodic.EpisodicMixin._episode_budget`). ``None``: one episode per
+            training batch. Defaults to ``4``: nothing changes up to 4 classes (measured in the README).
         pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
         margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
         learn_temperature (bool): learn ``T``. Defaults to ``True``.
