@@ -101,6 +101,55 @@ APPEARANCES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "waves": _waves,
     "washer": _object,
 }
+"""The base families; :func:`appearance` also draws their numbered variants (``"stripes_7"``)."""
+
+TINTS = np.array(
+    [[1.0, 1.0, 1.0], [1.0, 0.55, 0.55], [0.55, 1.0, 0.55], [0.55, 0.55, 1.0], [1.0, 1.0, 0.45], [0.45, 1.0, 1.0]]
+)
+"""Per-channel gains of the variants' colours (the first keeps the family's): a tint, not a channel reordering,
+so that grey families (``washer``) change colour too."""
+VARIANTS = 17
+"""Numbered variants per family (``_1`` … ``_17``), so 5 × 18 = 90 distinct classes can be generated."""
+
+
+def _unknown_message(unknown: Sequence[str]) -> str:
+    return (
+        f"Unknown synthetic categories {list(unknown)}; available: {sorted(APPEARANCES)} or their variants "
+        f"'<family>_<n>' with 1 <= n <= {VARIANTS}."
+    )
+
+
+def appearance(category: str) -> Callable[[np.random.Generator, int], np.ndarray]:
+    """The drawing function of a class: a base family of ``APPEARANCES`` or one of its numbered variants.
+
+    More classes than the five families are needed to measure how training scales with the number of source
+    classes (MVTec-size sources). Variant ``<family>_<n>`` (``1 <= n <= VARIANTS``) changes the family's
+    colour and scale, so it is a different class to the model while keeping the family's structure:
+
+    - colour: the family's image times ``TINTS[n % 6]`` per channel (unchanged for ``n = 6, 12``);
+    - scale: the family drawn at ``zoom = 1 + 0.5 * (n // 6)`` times the size and centre-cropped, so its
+      pattern is ``zoom`` times coarser (``n = 1..5``: 1, ``6..11``: 1.5, ``12..17``: 2).
+
+    No two of the 18 versions of a family share both colour and scale.
+
+    Raises:
+        ValueError: an unknown family or a variant number outside ``1..VARIANTS``.
+    """
+    if category in APPEARANCES:
+        return APPEARANCES[category]
+    family, _, number = category.rpartition("_")
+    if family not in APPEARANCES or not number.isdigit() or not 1 <= int(number) <= VARIANTS:
+        raise ValueError(_unknown_message([category]))
+    n, draw = int(number), APPEARANCES[family]
+    tint = TINTS[n % len(TINTS)]
+    zoom = 1 + 0.5 * (n // len(TINTS))
+
+    def variant(rng: np.random.Generator, size: int) -> np.ndarray:
+        big = round(size * zoom)
+        start = (big - size) // 2
+        return draw(rng, big)[start : start + size, start : start + size] * tint
+
+    return variant
 
 
 def _defect_mask(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
@@ -154,7 +203,8 @@ def make_synthetic_mvtec(
         root (str | Path): output folder (created). Existing class folders are left untouched if they were
             generated with the same arguments; a class folder holding other files raises ``FileExistsError``.
         categories (Sequence[str]): classes to generate, from ``APPEARANCES``
-            (``stripes``, ``dots``, ``checker``, ``waves``, ``washer``).
+            (``stripes``, ``dots``, ``checker``, ``waves``, ``washer``) or their numbered variants
+            (``stripes_1`` … ``stripes_17``, see :func:`appearance`).
         n_train (int): normal training images per class. Defaults to ``12``.
         n_test_good (int): normal test images per class. Defaults to ``6``.
         n_test_bad (int): defective test images per class, spread over the defect types. Defaults to ``6``.
@@ -170,10 +220,14 @@ def make_synthetic_mvtec(
     Raises:
         ValueError: an unknown category, a non-positive count or a defect strength outside ``(0, 1]``.
     """
-    unknown = [c for c in categories if c not in APPEARANCES]
+    unknown = []
+    for category in categories:  # every name is checked before any file is written
+        try:
+            appearance(category)
+        except ValueError:
+            unknown.append(category)
     if unknown:
-        msg = f"Unknown synthetic categories {unknown}; available: {sorted(APPEARANCES)}."
-        raise ValueError(msg)
+        raise ValueError(_unknown_message(unknown))
     if min(n_train, n_test_good, n_test_bad) < 1 or image_size < 16:
         msg = "n_train, n_test_good and n_test_bad must be >= 1 and image_size >= 16."
         raise ValueError(msg)
@@ -193,7 +247,7 @@ def make_synthetic_mvtec(
             msg = f"'{folder}' exists and was not generated with these arguments; choose an empty root."
             raise FileExistsError(msg)
         rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
-        draw = APPEARANCES[category]
+        draw = appearance(category)
         for i in range(n_train):
             _save(draw(rng, image_size), folder / "train" / "good" / f"{i:03d}.png")
         for i in range(n_test_good):

@@ -10,6 +10,12 @@
    loss, and :meth:`~EpisodicMixin._outer_update` reconciles the per-class losses with the clean term by
    PCGrad and steps the remaining optimisers.
 
+The length of an epoch is bounded in the number of training classes (``epoch_classes``, see
+:meth:`~EpisodicMixin._episode_budget`): an episode costs the same whatever the number of classes (one inner
+class, at most ``n_hard + n_random`` = 3 outer classes), but Lightning runs one step per training batch, and the
+batches grow with the classes; so with more than ``epoch_classes`` classes an epoch runs as many episodes as
+``epoch_classes`` classes' batches would give, and training time stops growing with the number of classes.
+
 What differs between the models stays in them: ``_inner_step(category, k, optimizer)`` (maximum likelihood
 of residuals for CGAD, one-class BCE for MetaAD) and ``_outer_step(classes, k, optimizers)`` (how ``z`` is
 computed and which parameters the outer level tunes).
@@ -18,6 +24,7 @@ computed and which parameters the outer level tunes).
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
@@ -97,7 +104,9 @@ class EpisodicMixin(ABC):
         """
 
     @staticmethod
-    def _check_episode_options(k_shot: int, k_choices: Sequence[int], direction: str, margin: str) -> None:
+    def _check_episode_options(
+        k_shot: int, k_choices: Sequence[int], direction: str, margin: str, epoch_classes: int | None = None
+    ) -> None:
         for name, value in (("k_shot", k_shot), *(("k_choices", k) for k in k_choices)):
             check_count(name, value, check_range=False)  # type first; the range message below names both options
         if k_shot < 1 or min(k_choices) < 1:
@@ -105,6 +114,8 @@ class EpisodicMixin(ABC):
             raise ValueError(msg)
         check_choice("direction", direction, DIRECTIONS)
         check_choice("margin", margin, MARGINS)
+        if epoch_classes is not None:
+            check_count("epoch_classes", epoch_classes)
 
     def _init_episodes(
         self,
@@ -117,6 +128,7 @@ class EpisodicMixin(ABC):
         inner_queries: int,
         anomalies_per_class: int,
         seed: int,
+        epoch_classes: int | None = None,
     ) -> None:
         """Store the episode options (the model's arguments of the same names); manual optimisation, no sampler
         yet (it needs the training classes), no hardness, no outer step taken."""
@@ -128,10 +140,12 @@ class EpisodicMixin(ABC):
         self.inner_queries = inner_queries
         self.anomalies_per_class = anomalies_per_class
         self.seed = seed
+        self.epoch_classes = epoch_classes
         self.automatic_optimization = False
         self.sampler: EpisodeSampler | None = None
         self.hardness: dict[str, float] = {}
         self.outer_steps = 0
+        self._epoch_episodes = 0  # episodes run in the current epoch (reset in on_train_epoch_start)
 
     def _init_sampler(self) -> None:
         """The episode sampler over the training pool's classes (kept across ``fit`` calls)."""
@@ -139,6 +153,33 @@ class EpisodicMixin(ABC):
             self.sampler = EpisodeSampler(
                 list(self.training_pool.classes), direction=self.direction, k_choices=self.k_choices, seed=self.seed
             )
+
+    def _episode_budget(self) -> int | float:
+        """Episodes per epoch: one per training batch, scaled by ``epoch_classes / classes`` when that is below 1.
+
+        With ``C`` training classes and ``B`` training batches per epoch, an epoch runs
+        ``ceil(B * epoch_classes / C)`` episodes when ``C > epoch_classes`` (what ``epoch_classes`` classes of
+        the same size would give), else ``B`` (every batch: nothing changes up to ``epoch_classes`` classes).
+        ``epoch_classes=None`` or an unsized training loader: ``B``.
+        """
+        batches = self.trainer.num_training_batches
+        classes = len(self.sampler.classes)
+        if self.epoch_classes is None or classes <= self.epoch_classes or not math.isfinite(batches):
+            return batches
+        return math.ceil(batches * self.epoch_classes / classes)
+
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch's episode count; say once when the bound shortens the epochs."""
+        super().on_train_epoch_start()
+        self._epoch_episodes = 0
+        budget = self._episode_budget()
+        if budget < self.trainer.num_training_batches and not getattr(self, "_told_budget", False):
+            logger.info(
+                "%d training classes > epoch_classes=%d: each epoch runs %d episodes, not one per training batch "
+                "(%d); set epoch_classes=None for every batch.",
+                len(self.sampler.classes), self.epoch_classes, budget, self.trainer.num_training_batches,
+            )  # fmt: skip
+            self._told_budget = True
 
     def _margin_term(
         self, category: str, z_id: torch.Tensor, z_ood: torch.Tensor, temperature: torch.Tensor
@@ -204,8 +245,16 @@ class EpisodicMixin(ABC):
         return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
 
     def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One episode: the inner level on each inner class, then (unless ``outer=False``) the outer level."""
+        """One episode: the inner level on each inner class, then (unless ``outer=False``) the outer level.
+
+        Nothing (``None``, Lightning's "skip this step") once the epoch has run its :meth:`_episode_budget`:
+        the step ignores its batch anyway (episodes are drawn from the training pool), and ending the epoch
+        early instead (``on_train_batch_start`` returning ``-1``) would skip its validation too.
+        """
         del batch, args, kwargs
+        if self._epoch_episodes >= self._episode_budget():
+            return None
+        self._epoch_episodes += 1
         inner_optimizer, *outer_optimizers = self.optimizers()
         episode = self.sampler.sample(self.hardness)
         inner = torch.stack([self._inner_step(c, episode.k, inner_optimizer) for c in episode.inner]).mean()

@@ -92,3 +92,36 @@ def test_faint_defects_change_only_the_masked_pixels_and_only_part_of_the_way(tm
     assert weak[mask].mean() > 60
     with pytest.raises(ValueError, match=r"defect_strength must lie in \(0, 1\], got 0"):
         make_synthetic_mvtec(tmp_path / "zero", defect_strength=0, **kwargs)
+
+
+def _colour_and_grain(name: str) -> tuple[np.ndarray, float]:
+    """Mean colour (0-255) and mean absolute pixel gradient of three drawings of a class: phase-free statistics."""
+    from anomalib_cgad.data.synthetic import appearance
+
+    images = [appearance(name)(np.random.default_rng(i), 64) for i in range(3)]
+    colour = np.mean([image.mean((0, 1)) for image in images], 0) * 255
+    grain = np.mean([np.abs(np.diff(image, axis=0)).mean() + np.abs(np.diff(image, axis=1)).mean() for image in images])
+    return colour, float(grain)
+
+
+@pytest.mark.parametrize("family", ["stripes", "washer"])
+def test_numbered_variants_are_distinct_classes_of_their_family(family: str, tmp_path: Path) -> None:
+    """``<family>_<n>``: another tint (n mod 6) or a coarser scale (n // 6); 18 versions of a family, none alike."""
+    from anomalib_cgad.data.synthetic import APPEARANCES, TINTS, VARIANTS
+
+    names = [family, *(f"{family}_{n}" for n in range(1, VARIANTS + 1))]
+    stats = [_colour_and_grain(name) for name in names]
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            if i % len(TINTS) != j % len(TINTS):
+                assert np.abs(stats[i][0] - stats[j][0]).max() > 15, (names[i], names[j])
+            else:  # same tint, another zoom
+                ratio = stats[i][1] / stats[j][1]
+                assert max(ratio, 1 / ratio) > 1.2, (names[i], names[j], ratio)
+    root = make_synthetic_mvtec(tmp_path, categories=(f"{family}_7",), n_train=2, n_test_good=1, n_test_bad=1)
+    assert len(MVTecADDataset(root=root, category=f"{family}_7", split="test")) == 2
+    assert family in APPEARANCES and f"{family}_7" not in APPEARANCES  # variants are drawn, not registered
+    for bad in (f"{family}_0", f"{family}_{VARIANTS + 1}", "nope_3", f"{family}_x"):
+        with pytest.raises(ValueError, match="Unknown synthetic categories"):
+            make_synthetic_mvtec(tmp_path / "bad", categories=(bad,))
+    assert not (tmp_path / "bad").exists()

@@ -71,6 +71,10 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
             (measured in the model README).
         outer (bool): run the outer level (``False`` = inner only, the ablation). Defaults to ``True``.
         direction (str): ``"multi"`` or ``"single"`` episodes. Defaults to ``"multi"``.
+        epoch_classes (int | None): with more training classes than this, an epoch runs as many episodes as
+            this many classes' training batches would give, so training time stops growing with the classes
+            (:meth:`~anomalib_cgad.models.episodic.EpisodicMixin._episode_budget`). ``None``: one episode per
+            training batch. Defaults to ``4``: nothing changes up to 4 classes (measured in the model README).
         pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
         margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
         learn_temperature (bool): learn T. Defaults to ``True``.
@@ -111,6 +115,7 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         inner_anomalies: int = 0,
         outer: bool = True,
         direction: str = "multi",
+        epoch_classes: int | None = 4,
         pcgrad: bool = True,
         margin: str = "mean_gap",
         learn_temperature: bool = True,
@@ -127,7 +132,7 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
-        self._check_episode_options(k_shot, k_choices, direction, margin)
+        self._check_episode_options(k_shot, k_choices, direction, margin, epoch_classes)
         if inner_anomalies < 0:
             msg = f"inner_anomalies must be >= 0, got {inner_anomalies}."
             raise ValueError(msg)
@@ -146,6 +151,7 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
             inner_queries=inner_queries,
             anomalies_per_class=anomalies_per_class,
             seed=seed,
+            epoch_classes=epoch_classes,
         )
         self.inner_anomalies = inner_anomalies
         self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step

@@ -55,6 +55,10 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
         inner_mode (str): ``"one_class"`` or ``"supervised"``. Defaults to ``"one_class"``.
         outer (bool): run the outer level. Defaults to ``True``.
         direction (str): ``"multi"`` or ``"single"``. Defaults to ``"multi"``.
+        epoch_classes (int | None): with more training classes than this, an epoch runs as many episodes as
+            this many classes' training batches would give, so training time stops growing with the classes
+            (:meth:`~anomalib_cgad.models.episodic.EpisodicMixin._episode_budget`). ``None``: one episode per
+            training batch. Defaults to ``4``: nothing changes up to 4 classes (measured in the README).
         pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
         margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
         learn_temperature (bool): learn ``T``. Defaults to ``True``.
@@ -94,6 +98,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
         inner_mode: str = "one_class",
         outer: bool = True,
         direction: str = "multi",
+        epoch_classes: int | None = 4,
         pcgrad: bool = True,
         margin: str = "mean_gap",
         learn_temperature: bool = True,
@@ -117,7 +122,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
     ) -> None:
         check_choice("inner_mode", inner_mode, INNER_MODES)
         k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
-        self._check_episode_options(k_shot, k_choices, direction, margin)
+        self._check_episode_options(k_shot, k_choices, direction, margin, epoch_classes)
         if anomalies_per_class < 0:
             msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
             raise ValueError(msg)
@@ -139,6 +144,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
             inner_queries=inner_queries,
             anomalies_per_class=anomalies_per_class,
             seed=seed,
+            epoch_classes=epoch_classes,
         )
         self.k_shot = k_shot
         self._k_shot_given = k_shot_given
