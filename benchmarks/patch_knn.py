@@ -82,11 +82,6 @@ class PatchKNNModel(BankModel):
         del size
         return self.bank.build(features)
 
-    @torch.no_grad()
-    def set_reference(self, images: torch.Tensor) -> None:
-        """Store the patch features of normalised reference images ``(k, 3, H, W)``."""
-        self.bank.set(self.backbone(images))
-
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
     ) -> InferenceBatch:

@@ -27,7 +27,10 @@ from torch import nn
 class BankModel(nn.Module):
     """Base of the torch models that score images against k references (see the module docstring).
 
-    Subclasses implement :meth:`features`, :meth:`bank_from_features` and :meth:`score_features`.
+    Subclasses implement :meth:`features`, :meth:`bank_from_features` and :meth:`score_features`, and hold
+    their reference patches in ``self.bank`` (a :class:`~anomalib_cgad.components.reference_bank.ReferenceBank`);
+    a model whose bank has more than those levels (CGAD's score scale) overrides :meth:`bank_tensors`,
+    :meth:`set_bank_tensors` and :meth:`is_bank_state`, so savers, loaders and exporters never special-case it.
     """
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -44,6 +47,24 @@ class BankModel(nn.Module):
         """``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)`` of query features against bank tensors."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------- the stored bank (``self.bank``, a ReferenceBank)
+    def bank_tensors(self) -> list[torch.Tensor]:
+        """The stored bank, in the order of :meth:`bank_from_features`."""
+        return self.bank.tensors()
+
+    def set_bank_tensors(self, tensors: Sequence[torch.Tensor], num_refs: int | None = None) -> None:
+        """Store bank tensors (from :meth:`compute_bank` or a saved bank) as the current class's bank."""
+        self.bank.set_tensors(list(tensors), num_refs=num_refs)
+
+    def is_bank_state(self, name: str) -> bool:
+        """Whether ``state_dict`` entry ``name`` belongs to the bank (a bank is not part of the trained weights)."""
+        return name.startswith("bank.")
+
+    def set_reference(self, images: torch.Tensor) -> None:
+        """Make normalised ``images`` ``(k, 3, H, W)`` the references."""
+        self.set_bank_tensors(self.compute_bank(images), num_refs=images.shape[0])
+
+    # ------------------------------------------------------------- derived image-level steps
     @torch.no_grad()
     def compute_bank(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Bank tensors of normalised reference images ``(k, 3, H, W)``."""

@@ -106,7 +106,7 @@ def model_fingerprint(module: AnomalibModule) -> str:
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.model.state_dict().items()):
-        if name.startswith("bank.") or name == "scale":
+        if module.model.is_bank_state(name):
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -174,15 +174,13 @@ def set_model_bank(module: AnomalibModule, bank: Bank | Sequence[np.ndarray | to
     device = next(module.parameters()).device
     tensors = [torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t).float() for t in tensors]
     num_levels = torch_model.bank.num_levels
-    levels, extra = tensors[:num_levels], tensors[num_levels:]
+    levels = tensors[:num_levels]
     for level, (tensor, reference) in enumerate(zip(levels, current, strict=False)):
         if tensor.ndim != 2 or (reference.ndim == 2 and tensor.shape[1] != reference.shape[1]):
             msg = f"bank level {level} has shape {tuple(tensor.shape)}; expected (rows, {reference.shape[-1]})."
             raise BankError(msg)
     num_refs = bank.metadata.get("num_refs") if isinstance(bank, Bank) else None
-    torch_model.bank.set_tensors([t.to(device) for t in levels], num_refs=num_refs)
-    if extra:  # CGAD: the references' leave-one-out score
-        torch_model.scale = extra[0].reshape(-1).to(device)
+    torch_model.set_bank_tensors([t.to(device) for t in tensors], num_refs=num_refs)
     if isinstance(bank, Bank):
         module.operating_point.reference_stats = torch.as_tensor(bank.reference_stats).float().reshape(2).to(device)
 

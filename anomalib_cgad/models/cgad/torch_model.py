@@ -149,15 +149,19 @@ class CGADModel(ResADModel):
         scale = torch.stack([loo_map.mean(), loo_map.std(unbiased=False).clamp(min=1e-6)])
         return [*levels, scale]
 
-    def set_reference(self, images: torch.Tensor) -> None:
-        """Make normalised ``images`` the references (bank levels and score scale)."""
-        *levels, scale = self.compute_bank(images)
-        self.bank.set_tensors(levels, num_refs=images.shape[0])
-        self.scale = scale
-
     def bank_tensors(self) -> list[torch.Tensor]:
         """Bank levels followed by the score scale (the order of :meth:`compute_bank`)."""
         return [*self.bank.tensors(), self.scale]
+
+    def set_bank_tensors(self, tensors: Sequence[torch.Tensor], num_refs: int | None = None) -> None:
+        """Store bank levels and the score scale (the order of :meth:`bank_tensors`)."""
+        *levels, scale = tensors
+        self.bank.set_tensors(list(levels), num_refs=num_refs)
+        self.scale = scale.reshape(-1).to(self.scale.device)
+
+    def is_bank_state(self, name: str) -> bool:
+        """The bank levels and the score scale (both computed from the references)."""
+        return super().is_bank_state(name) or name == "scale"
 
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]

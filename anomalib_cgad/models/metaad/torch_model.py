@@ -206,14 +206,6 @@ class MetaADModel(BankModel):
         del size
         return self.bank.build(features)
 
-    def set_reference(self, images: torch.Tensor) -> None:
-        """Make normalised ``images`` the references."""
-        self.bank.set_tensors(self.compute_bank(images), num_refs=images.shape[0])
-
-    def bank_tensors(self) -> list[torch.Tensor]:
-        """The current bank."""
-        return self.bank.tensors()
-
     def bank_metadata(self) -> dict:
         """What a bank must match to be used with this model."""
         return {
