@@ -185,8 +185,19 @@ def normal_quantiles(normalised: Sequence[float], far_grid: Sequence[float] = FA
     """``tau`` at each rate of ``far_grid``: the ``1 − rate`` quantile of pooled normalised normal scores.
 
     Made non-increasing in the rate (a higher accepted false-alarm rate never raises the threshold).
+
+    Raises:
+        ValueError: some scores are NaN or inf (a quantile of them would be NaN, read later as "not calibrated").
     """
     values = np.asarray(normalised, dtype=np.float64)
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        msg = (
+            f"{bad} of {values.size} normalised normal scores of the operating point's calibration are NaN or "
+            "inf: the model scores its own training classes' normal images as non-finite (e.g. a statistic "
+            "estimated from too few reference images), so no threshold can be calibrated from them."
+        )
+        raise ValueError(msg)
     taus = np.quantile(values, 1.0 - np.asarray(far_grid, dtype=np.float64))
     return np.minimum.accumulate(taus).astype(np.float32)
 

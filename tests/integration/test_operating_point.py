@@ -57,6 +57,13 @@ def test_tau_falls_as_the_requested_rate_rises_and_torch_matches_numpy() -> None
     assert np.all(np.diff(normal_quantiles(rng.standard_normal(50))) <= 0)  # monotone even with few scores
 
 
+def test_non_finite_calibration_scores_are_refused_naming_the_cause() -> None:
+    """NaN scores (a Padim peer's covariance from one image) must not become a silent "not calibrated" state."""
+    with pytest.raises(ValueError, match=r"2 of 5 normalised normal scores .* are NaN or inf"):
+        normal_quantiles([0.1, float("nan"), 0.3, float("inf"), 0.2])
+
+
+
 def test_uncalibrated_model_has_no_threshold_and_says_how_to_calibrate() -> None:
     point = OperatingPoint()
     assert not point.calibrated
