@@ -77,11 +77,6 @@ class PatchKNNModel(BankModel):
         """The frozen backbone's levels of normalised images."""
         return self.backbone(images)
 
-    def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
-        """Bank tensors, one ``(k·H_l·W_l, C_l)`` per level, of the references' backbone levels."""
-        del size
-        return self.bank.build(features)
-
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
     ) -> InferenceBatch:

@@ -27,7 +27,8 @@ from torch import nn
 class BankModel(nn.Module):
     """Base of the torch models that score images against k references (see the module docstring).
 
-    Subclasses implement :meth:`features`, :meth:`bank_from_features` and :meth:`score_features`, and hold
+    Subclasses implement :meth:`features` and :meth:`score_features` (and :meth:`bank_from_features` when the
+    bank holds more than the references' patches), and hold
     their reference patches in ``self.bank`` (a :class:`~anomalib_cgad.components.reference_bank.ReferenceBank`);
     a model whose bank has more than those levels (CGAD's score scale) overrides :meth:`bank_tensors`,
     :meth:`set_bank_tensors` and :meth:`is_bank_state`, so savers, loaders and exporters never special-case it.
@@ -38,8 +39,12 @@ class BankModel(nn.Module):
         raise NotImplementedError
 
     def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
-        """Bank tensors of the references whose :meth:`features` these are (``size``: the images' ``(H, W)``)."""
-        raise NotImplementedError
+        """Bank tensors of the references whose :meth:`features` these are (``size``: the images' ``(H, W)``).
+
+        By default the bank is the references' patches, one ``(k·h·w, C)`` tensor per level.
+        """
+        del size
+        return self.bank.build(features)
 
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]

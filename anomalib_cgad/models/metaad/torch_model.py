@@ -201,11 +201,6 @@ class MetaADModel(BankModel):
         """One level: the standardised, projected patch features (:meth:`embed`)."""
         return [self.embed(images)]
 
-    def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
-        """One bank tensor: all projected reference patches ``(k·H·W, C_in)``."""
-        del size
-        return self.bank.build(features)
-
     def bank_metadata(self) -> dict:
         """What a bank must match to be used with this model."""
         return {

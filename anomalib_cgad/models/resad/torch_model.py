@@ -117,11 +117,6 @@ class ResADModel(BankModel):
         """The frozen backbone's levels of normalised images."""
         return self.backbone(images)
 
-    def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
-        """Bank tensors, one ``(k·H_l·W_l, C_l)`` per level, of the references' backbone levels."""
-        del size
-        return self.bank.build(features)
-
     def bank_metadata(self) -> dict:
         """What a bank must match to be used with this model."""
         return {
