@@ -9,7 +9,10 @@ scale)`` choices on the same raw scores:
 - ``pixel_std`` (shipped): location = mean LOO image score, scale = standard deviation of the LOO map pixels;
 - ``image_std``: location = mean LOO image score, scale = standard deviation of the k LOO image scores;
 - ``shift``: location = mean LOO image score, scale = 1 (``tau`` in raw score units);
-- ``global``: location 0, scale 1 (one threshold for every class: the source classes' normal quantile).
+- ``global``: location 0, scale 1 (one threshold for every class: the source classes' normal quantile);
+- ``shrunk_std``: location as ``pixel_std``; scale = √(½·s² + ½·s₀²), the references' pixel std ``s`` pulled
+  half-way (in variance) towards ``s₀``, the median pixel std of the source classes' calibration draws (k = 4
+  references are few to estimate a spread from; the half-way weight is fixed, not fitted).
 
 Example:
     $ python -m benchmarks.operating_point_ablation --checkpoint .../model.ckpt --model CGAD \\
@@ -24,41 +27,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomalib_cgad.components.operating_point import collect_normals
+from anomalib_cgad.components.operating_point import collect_normals, encode
 from anomalib_cgad.deploy.inferencer import FAR_GRID, calibrated_tau, leave_one_out_sets, normal_quantiles
 
 RATES = (0.01, 0.05, 0.1)
-VARIANTS = ("pixel_std", "image_std", "shift", "global")
+VARIANTS = ("pixel_std", "image_std", "shift", "global", "shrunk_std")
 
 
 @torch.no_grad()
-def loo_parts(model, images: torch.Tensor, transform) -> tuple[np.ndarray, float]:
-    """The k LOO image scores and the pixel standard deviation of the LOO maps (raw model scores)."""
+def loo_parts(model, images: torch.Tensor, transform, features=None) -> tuple[np.ndarray, float]:
+    """The k LOO image scores and the pixel standard deviation of the LOO maps (raw model scores).
+
+    ``features``: the images' :func:`~anomalib_cgad.components.operating_point.encode`, when the caller has it.
+    """
+    features = encode(model, images, transform) if features is None else features
+    size = transform(images[:1]).shape[-2:]
     scores, pixels = [], []
     for held, others in leave_one_out_sets(len(images)):
-        refs = images[others] if others is not None else images[held : held + 1].flip(-1)
-        output = model.forward_with_bank(transform(images[held : held + 1]), model.compute_bank(transform(refs)))
+        refs = (
+            [f[others] for f in features]
+            if others is not None
+            else encode(model, images[held : held + 1].flip(-1), transform)
+        )
+        output = model.score_features(
+            [f[held : held + 1] for f in features], model.bank_from_features(refs, size), size
+        )
         scores.append(float(output.pred_score.reshape(-1)[0]))
         pixels.append(output.anomaly_map.float().reshape(-1).numpy())
     return np.array(scores), float(np.concatenate(pixels).std())
 
 
-def normalisation(variant: str, scores: np.ndarray, pixel_std: float) -> tuple[float, float]:
-    """``(location, scale)`` of a class under ``variant``."""
+def normalisation(variant: str, scores: np.ndarray, pixel_std: float, prior_std: float = 1.0) -> tuple[float, float]:
+    """``(location, scale)`` of a class under ``variant`` (``prior_std``: the source draws' median pixel std)."""
     if variant == "global":
         return 0.0, 1.0
     location = float(scores.mean())
     if variant == "pixel_std":
         return location, max(pixel_std, 1e-6)
+    if variant == "shrunk_std":  # the k references' pixel std pulled half-way (in variance) to the source prior
+        return location, max(float(np.sqrt(0.5 * pixel_std**2 + 0.5 * prior_std**2)), 1e-6)
     if variant == "image_std":
         return location, max(float(scores.std(ddof=1)) if len(scores) > 1 else pixel_std, 1e-6)
     return location, 1.0
 
 
 @torch.no_grad()
-def score(model, images: torch.Tensor, bank, transform, batch: int = 32) -> np.ndarray:
-    """Raw image scores of ``images`` against ``bank``."""
-    parts = [model.forward_with_bank(transform(images[i : i + batch]), bank) for i in range(0, len(images), batch)]
+def score(model, features, bank, size, batch: int = 32) -> np.ndarray:
+    """Raw image scores of encoded images against ``bank``."""
+    count = len(features[0])
+    parts = [model.score_features([f[i : i + batch] for f in features], bank, size) for i in range(0, count, batch)]
     return torch.cat([part.pred_score for part in parts]).numpy()
 
 
@@ -83,11 +100,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     calibration = []  # (LOO scores, pixel std, held-out raw scores) per draw
     dm = make_datamodule(config, direction, args.k, args.seeds[0], "test")
     for images in collect_normals(dm.train_data, dm.category_of, limit=args.normals).values():
+        features, size = encode(model, images, transform), transform(images[:1]).shape[-2:]
         for _ in range(args.draws):
             order = torch.randperm(len(images), generator=generator)
-            refs, held_out = images[order[: args.k]], images[order[args.k :]]
-            loo, pixel_std = loo_parts(model, refs, transform)
-            calibration.append((loo, pixel_std, score(model, held_out, model.compute_bank(transform(refs)), transform)))
+            refs, held_out = order[: args.k], order[args.k :]
+            ref_features = [f[refs] for f in features]
+            loo, pixel_std = loo_parts(model, images[refs], transform, ref_features)
+            bank = model.bank_from_features(ref_features, size)
+            calibration.append((loo, pixel_std, score(model, [f[held_out] for f in features], bank, size)))
+    prior_std = float(np.median([draw_std for _, draw_std, _ in calibration]))
     rows = []
     for seed in args.seeds:
         dm = make_datamodule(config, direction, args.k, seed, "test")
@@ -95,16 +116,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         images = torch.stack([test[i].image for i in range(len(test))])
         truth = torch.tensor([int(test[i].gt_label) for i in range(len(test))])
         refs = dm.reference_images("test", 0)
-        raw = score(model, images, model.compute_bank(transform(refs)), transform)
+        size = transform(refs[:1]).shape[-2:]
+        raw = score(model, encode(model, images, transform), model.compute_bank(transform(refs)), size)
         loo, pixel_std = loo_parts(model, refs, transform)
         for variant in VARIANTS:
             pooled = []
             for draw_loo, draw_std, held_out_scores in calibration:
-                draw_location, draw_scale = normalisation(variant, draw_loo, draw_std)
+                draw_location, draw_scale = normalisation(variant, draw_loo, draw_std, prior_std)
                 pooled.append((held_out_scores - draw_location) / draw_scale)
             pooled = np.concatenate(pooled)
             taus = normal_quantiles(pooled, FAR_GRID)
-            location, scale = normalisation(variant, loo, pixel_std)
+            location, scale = normalisation(variant, loo, pixel_std, prior_std)
             row = {"model": args.model, "direction": args.direction, "variant": variant, "seed": seed}
             for rate in RATES:
                 predicted = torch.from_numpy(raw > location + scale * calibrated_tau(FAR_GRID, taus, rate))
