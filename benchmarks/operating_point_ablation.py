@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """
     import anomalib_cgad
     from benchmarks.config import load_config
-    from benchmarks.data import make_datamodule
+    from benchmarks.data import generate_data, make_datamodule
     from benchmarks.metrics import f1_score
 
     torch.set_num_threads(1)
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     model, transform = module.model.eval(), module.pre_processor.transform
     generator = torch.Generator().manual_seed(0)
     calibration = []  # (LOO scores, pixel std, held-out raw scores) per draw
-    dm = make_datamodule(config, direction, args.k, args.seeds[0], "test")
+    # generated presets: the same classes the benchmark run trained on (same generator settings and seed)
+    root = generate_data(config, direction, Path(tempfile.mkdtemp(prefix="op_ablation_")))
+    dm = make_datamodule(config, direction, args.k, args.seeds[0], "test", root)
     for images in collect_normals(dm.train_data, dm.category_of, limit=args.normals).values():
         features, size = encode(model, images, transform), transform(images[:1]).shape[-2:]
         for _ in range(args.draws):
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     prior_std = float(np.median([draw_std for _, draw_std, _ in calibration]))
     rows = []
     for seed in args.seeds:
-        dm = make_datamodule(config, direction, args.k, seed, "test")
+        dm = make_datamodule(config, direction, args.k, seed, "test", root)
         test = dm.test_data
         images = torch.stack([test[i].image for i in range(len(test))])
         truth = torch.tensor([int(test[i].gt_label) for i in range(len(test))])
