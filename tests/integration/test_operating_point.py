@@ -63,7 +63,6 @@ def test_non_finite_calibration_scores_are_refused_naming_the_cause() -> None:
         normal_quantiles([0.1, float("nan"), 0.3, float("inf"), 0.2])
 
 
-
 def test_uncalibrated_model_has_no_threshold_and_says_how_to_calibrate() -> None:
     point = OperatingPoint()
     assert not point.calibrated
@@ -161,3 +160,16 @@ def test_checkpoint_from_before_the_operating_point_loads_with_how_to_recalibrat
     assert float(loaded.post_processor.image_threshold) == 0.0
     loaded.calibrate_operating_point(datamodule)
     assert torch.allclose(loaded.operating_point.tau_grid, model.operating_point.tau_grid)
+
+
+def test_calibration_from_cached_features_equals_re_encoding_every_draw(tmp_path) -> None:
+    """The shipped calibration (each image encoded once) gives the scores of re-encoding at every draw."""
+    import pandas as pd
+
+    from benchmarks.calibration_time import main
+
+    folder = main(["--models", "ResAD", "--image-size", "64", "--draws", "4", "--normals", "8", "--out", str(tmp_path)])
+    row = pd.read_csv(folder / "results.csv").iloc[0]
+    assert row.scores == 4 * (8 - 4)  # 4 draws of k = 4 references, the other 4 images scored each time
+    assert row.max_abs_diff < 1e-4, row.max_abs_diff
+    assert (folder / "results.md").read_text().count("| ResAD") == 1
