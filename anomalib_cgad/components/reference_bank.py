@@ -29,9 +29,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from anomalib.models.components.base import DynamicBufferMixin
@@ -39,13 +42,15 @@ from torch import nn
 
 from anomalib_cgad.components.tracing import is_tracing
 from anomalib_cgad.coreset import check_coreset_fraction, coreset_indices
+from anomalib_cgad.deploy.inferencer import BANK_FORMAT, Bank
 from anomalib_cgad.errors import BankError
-from anomalib_cgad.safe_load import load_weights_only
 from anomalib_cgad.validation import check_choice
+
+if TYPE_CHECKING:
+    from anomalib.models.components import AnomalibModule
 
 MATCHING = ("l2", "cosine")
 RESIDUAL = ("diff", "sq_diff")
-BANK_FORMAT = "anomalib-cgad-bank/1"
 
 
 # The plugin has one bank error; this name stays for code (and tests) written against the torch bank.
@@ -279,54 +284,105 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         bank = self.tensors() if bank is None else bank
         return residual_features(features, bank, self.matching, self.residual)
 
-    def save(self, path: str | Path, metadata: dict) -> Path:
-        """Save the bank as a plain tensor file (``torch.save`` of tensors and primitives only).
-
-        Args:
-            path (str | Path): target file; an existing file is never overwritten.
-            metadata (dict): JSON-like description (backbone, layers, channels, image size).
-        """
-        path = Path(path)
-        if path.exists():
-            msg = f"Refusing to overwrite existing bank file '{path}'."
-            raise FileExistsError(msg)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": BANK_FORMAT, "metadata": dict(metadata), "levels": self.tensors()}, path)
-        return path
-
-    @staticmethod
-    def load(path: str | Path, expected: dict | None = None) -> list[torch.Tensor]:
-        """Load a bank file with ``weights_only=True`` and check it fits ``expected`` metadata.
-
-        Raises:
-            FileNotFoundError: no such file.
-            BankError: not a bank file, or built with another backbone/layers/image size.
-        """
-        path = Path(path)
-        payload = load_weights_only(
-            path,
-            BankError,
-            missing="Bank file '{path}' does not exist.",
-            unreadable="'{path}' is not a readable reference bank file: {exc}",
-        )
-        if not isinstance(payload, dict) or payload.get("format") != BANK_FORMAT:
-            msg = f"'{path}' is not an anomalib-cgad reference bank file."
-            raise BankError(msg)
-        check_bank_metadata(payload.get("metadata", {}), expected or {}, source=str(path))
-        return list(payload["levels"])
+# ----------------------------------------------------------------------------------------------- bank files
+# A model's bank leaves and enters torch as a ``Bank`` (arrays + metadata + operating point), the ``.npz``
+# file that the torch-free deployment reads and writes (``deploy/inferencer.py``). These functions are the
+# only bridge between that file and the buffers above, for every model.
 
 
-def check_bank_metadata(found: dict, expected: dict, source: str = "the bank") -> None:
-    """Raise :class:`~anomalib_cgad.errors.BankError` naming every key where ``found`` differs from ``expected``."""
-    problems = [
-        f"{key}: bank has {found.get(key)!r}, model expects {value!r}"
-        for key, value in expected.items()
-        if key in found and _normalise(found[key]) != _normalise(value)
-    ]
-    if problems:
-        msg = f"{source} was built for another model configuration: " + "; ".join(problems)
+def model_fingerprint(module: AnomalibModule) -> str:
+    """Hash of the torch model's weights, bank excluded: a bank is only valid for the weights that built it.
+
+    (CGAD's bank holds the references' score under the trained flow, so it is checkpoint-specific.)
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.model.state_dict().items()):
+        if module.model.is_bank_state(name):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def module_image_size(module: AnomalibModule) -> list[int]:
+    """The input size ``module``'s references are read at (anomalib's default 256 × 256 without a pre-processor)."""
+    if hasattr(module, "reference_image_size"):
+        return [int(v) for v in module.reference_image_size()]
+    return [256, 256]
+
+
+def bank_metadata(module: AnomalibModule) -> dict:
+    """What a bank of ``module`` records and must match (model, weights fingerprint, backbone, image size)."""
+    return {
+        "format": BANK_FORMAT,
+        "model": type(module.model).__name__,
+        "fingerprint": model_fingerprint(module),
+        "image_size": module_image_size(module),
+        **{key: value for key, value in module.model.bank_metadata().items()},
+    }
+
+
+def model_bank(module: AnomalibModule) -> Bank:
+    """The bank ``module`` currently holds, as a :class:`Bank` (arrays + metadata).
+
+    Raises:
+        BankError: the model holds no bank yet.
+    """
+    tensors = [tensor.detach().cpu().float() for tensor in module.model.bank_tensors()]
+    if not tensors or any(tensor.numel() == 0 for tensor in tensors):
+        msg = "The model holds no reference bank: call set_references(images) or validate/test it on a class first."
         raise BankError(msg)
+    num_refs = int(getattr(module.model.bank, "num_refs", torch.tensor(0)))
+    stats = module.operating_point.reference_stats.detach().cpu().float().numpy()
+    return Bank([t.numpy() for t in tensors], {**bank_metadata(module), "num_refs": num_refs}, stats)
 
 
-def _normalise(value: object) -> object:
-    return list(value) if isinstance(value, tuple | list) else value
+def save_model_bank(module: AnomalibModule, path: str | Path, overwrite: bool = False) -> Path:
+    """Save the bank ``module`` holds as ``.npz``, the file :class:`BankInferencer` and :func:`load_model_bank` read.
+
+    Example:
+        >>> model.set_references(reference_images)  # doctest: +SKIP
+        >>> save_model_bank(model, "banks/bottle.npz")  # doctest: +SKIP
+    """
+    return model_bank(module).save(path, overwrite=overwrite)
+
+
+def set_model_bank(module: AnomalibModule, bank: Bank | Sequence[np.ndarray | torch.Tensor]) -> None:
+    """Make ``bank`` (a :class:`Bank` or tensors in :meth:`bank_tensors` order) the torch model's bank.
+
+    Raises:
+        BankError: wrong number of tensors, wrong channels, or (for a :class:`Bank`) built for other weights.
+    """
+    if isinstance(bank, Bank):
+        bank.check(bank_metadata(module))
+        tensors = bank.tensors
+    else:  # bare tensors carry no operating point: recompute it with set_references(images) or use a Bank
+        tensors = list(bank)
+    torch_model = module.model
+    current = torch_model.bank_tensors()
+    if len(tensors) != len(current):
+        msg = f"The bank has {len(tensors)} tensors; {type(module).__name__} takes {len(current)}."
+        raise BankError(msg)
+    device = next(module.parameters()).device
+    tensors = [torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t).float() for t in tensors]
+    num_levels = torch_model.bank.num_levels
+    levels = tensors[:num_levels]
+    for level, (tensor, reference) in enumerate(zip(levels, current, strict=False)):
+        if tensor.ndim != 2 or (reference.ndim == 2 and tensor.shape[1] != reference.shape[1]):
+            msg = f"bank level {level} has shape {tuple(tensor.shape)}; expected (rows, {reference.shape[-1]})."
+            raise BankError(msg)
+    num_refs = bank.metadata.get("num_refs") if isinstance(bank, Bank) else None
+    torch_model.set_bank_tensors([t.to(device) for t in tensors], num_refs=num_refs)
+    if isinstance(bank, Bank):
+        module.operating_point.reference_stats = torch.as_tensor(bank.reference_stats).float().reshape(2).to(device)
+
+
+def load_model_bank(module: AnomalibModule, path: str | Path) -> Bank:
+    """Load a ``.npz`` bank (written by :func:`save_model_bank` or :meth:`BankInferencer.compute_bank`) into torch.
+
+    Returns:
+        Bank: the loaded bank.
+    """
+    bank = Bank.load(path)
+    set_model_bank(module, bank)
+    return bank

@@ -28,10 +28,10 @@ _LAZY = {
     "BankError": "anomalib_cgad.errors",
     "BankInferencer": "anomalib_cgad.deploy.inferencer",
     "export_swappable_bank": "anomalib_cgad.deploy.openvino",
-    "load_model_bank": "anomalib_cgad.deploy.openvino",
-    "model_bank": "anomalib_cgad.deploy.openvino",
-    "save_model_bank": "anomalib_cgad.deploy.openvino",
-    "set_model_bank": "anomalib_cgad.deploy.openvino",
+    "load_model_bank": "anomalib_cgad.components.reference_bank",
+    "model_bank": "anomalib_cgad.components.reference_bank",
+    "save_model_bank": "anomalib_cgad.components.reference_bank",
+    "set_model_bank": "anomalib_cgad.components.reference_bank",
 }
 __all__ = [
     "F32_CONFIG",

@@ -274,6 +274,13 @@ class Bank:
                 tensors = [np.asarray(data[name], dtype=np.float32) for name in names]
                 stats = np.asarray(data["reference_stats"], dtype=np.float32) if "reference_stats" in data else None
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError: ValueError
+            if _is_torch_file(path):
+                msg = (
+                    f"'{path}' is a torch (.pt) bank file, a format anomalib-cgad no longer reads: banks are '.npz' "
+                    "files, which also carry the class's operating point. Recompute it from the class's k normal "
+                    "images: model.set_references(images) then model.save_bank('NEW.npz'), or 'anomalib-cgad bank'."
+                )
+                raise BankError(msg) from exc
             if path.stat().st_size == 0:
                 reason = "the file is empty"
             elif "pickled" in str(exc):  # numpy's word for "neither .npy nor .npz"
@@ -313,6 +320,15 @@ class Bank:
         if stats.shape != (2,) or not np.isfinite(stats).all() or stats[1] <= 0:
             msg = f"{source}: reference_stats must be a finite (location, scale > 0) pair, got {stats.tolist()}."
             raise BankError(msg)
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` archive (a zip holding ``<name>/data.pkl``), e.g. an old bank."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _plain(value: object) -> object:

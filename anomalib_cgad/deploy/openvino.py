@@ -16,7 +16,8 @@ make the bank a run-time input:
    ``far_grid`` / ``tau_grid`` and its ``false_alarm_rate``).
 
 :class:`~anomalib_cgad.deploy.inferencer.BankInferencer` runs them without torch. The ``.npz`` bank format
-is shared with the torch models: :func:`save_model_bank` / :func:`load_model_bank` move banks between a
+is shared with the torch models: ``model.save_bank`` / ``model.load_bank`` (or
+:func:`~anomalib_cgad.components.reference_bank.save_model_bank` / ``load_model_bank``) move banks between a
 Lightning module and a file, so a bank computed by the deployed encoder can be loaded into torch and
 vice versa.
 
@@ -30,11 +31,9 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +42,10 @@ from anomalib.models.components import AnomalibModule
 from torch import nn
 
 from anomalib_cgad.components.operating_point import apply_operating_point
+from anomalib_cgad.components.reference_bank import model_bank, module_image_size
 from anomalib_cgad.deploy.inferencer import (
     BANK_ENCODER,
     BANK_FILE,
-    BANK_FORMAT,
     BANK_MODEL,
     IR_KEY,
     METADATA,
@@ -97,103 +96,6 @@ class _BankEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         images = self.pre(images) if self.pre is not None else images
         return tuple(self.model.compute_bank(images))
-
-
-def model_fingerprint(module: AnomalibModule) -> str:
-    """Hash of the torch model's weights, bank excluded: a bank is only valid for the weights that built it.
-
-    (CGAD's bank holds the references' score under the trained flow, so it is checkpoint-specific.)
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.model.state_dict().items()):
-        if module.model.is_bank_state(name):
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _image_size(module: AnomalibModule) -> list[int]:
-    if hasattr(module, "reference_image_size"):
-        return [int(v) for v in module.reference_image_size()]
-    return [256, 256]
-
-
-def bank_metadata(module: AnomalibModule) -> dict:
-    """What a bank of ``module`` records and must match (model, weights fingerprint, backbone, image size)."""
-    return {
-        "format": BANK_FORMAT,
-        "model": type(module.model).__name__,
-        "fingerprint": model_fingerprint(module),
-        "image_size": _image_size(module),
-        **{key: value for key, value in module.model.bank_metadata().items()},
-    }
-
-
-def model_bank(module: AnomalibModule) -> Bank:
-    """The bank ``module`` currently holds, as a :class:`Bank` (arrays + metadata).
-
-    Raises:
-        BankError: the model holds no bank yet.
-    """
-    tensors = [tensor.detach().cpu().float() for tensor in module.model.bank_tensors()]
-    if not tensors or any(tensor.numel() == 0 for tensor in tensors):
-        msg = "The model holds no reference bank: call set_references(images) or validate/test it on a class first."
-        raise BankError(msg)
-    num_refs = int(getattr(module.model.bank, "num_refs", torch.tensor(0)))
-    stats = module.operating_point.reference_stats.detach().cpu().float().numpy()
-    return Bank([t.numpy() for t in tensors], {**bank_metadata(module), "num_refs": num_refs}, stats)
-
-
-def save_model_bank(module: AnomalibModule, path: str | Path, overwrite: bool = False) -> Path:
-    """Save the bank ``module`` holds as ``.npz``, the file :class:`BankInferencer` and :func:`load_model_bank` read.
-
-    Example:
-        >>> model.set_references(reference_images)  # doctest: +SKIP
-        >>> save_model_bank(model, "banks/bottle.npz")  # doctest: +SKIP
-    """
-    return model_bank(module).save(path, overwrite=overwrite)
-
-
-def set_model_bank(module: AnomalibModule, bank: Bank | Sequence[np.ndarray | torch.Tensor]) -> None:
-    """Make ``bank`` (a :class:`Bank` or tensors in :meth:`bank_tensors` order) the torch model's bank.
-
-    Raises:
-        BankError: wrong number of tensors, wrong channels, or (for a :class:`Bank`) built for other weights.
-    """
-    if isinstance(bank, Bank):
-        bank.check(bank_metadata(module))
-        tensors = bank.tensors
-    else:  # bare tensors carry no operating point: recompute it with set_references(images) or use a Bank
-        tensors = list(bank)
-    torch_model = module.model
-    current = torch_model.bank_tensors()
-    if len(tensors) != len(current):
-        msg = f"The bank has {len(tensors)} tensors; {type(module).__name__} takes {len(current)}."
-        raise BankError(msg)
-    device = next(module.parameters()).device
-    tensors = [torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t).float() for t in tensors]
-    num_levels = torch_model.bank.num_levels
-    levels = tensors[:num_levels]
-    for level, (tensor, reference) in enumerate(zip(levels, current, strict=False)):
-        if tensor.ndim != 2 or (reference.ndim == 2 and tensor.shape[1] != reference.shape[1]):
-            msg = f"bank level {level} has shape {tuple(tensor.shape)}; expected (rows, {reference.shape[-1]})."
-            raise BankError(msg)
-    num_refs = bank.metadata.get("num_refs") if isinstance(bank, Bank) else None
-    torch_model.set_bank_tensors([t.to(device) for t in tensors], num_refs=num_refs)
-    if isinstance(bank, Bank):
-        module.operating_point.reference_stats = torch.as_tensor(bank.reference_stats).float().reshape(2).to(device)
-
-
-def load_model_bank(module: AnomalibModule, path: str | Path) -> Bank:
-    """Load a ``.npz`` bank (written by :func:`save_model_bank` or :meth:`BankInferencer.compute_bank`) into torch.
-
-    Returns:
-        Bank: the loaded bank.
-    """
-    bank = Bank.load(path)
-    set_model_bank(module, bank)
-    return bank
 
 
 def _convert(
@@ -325,7 +227,7 @@ def export_swappable_bank(
 
     # With dynamic sizes the example must differ from the Resize target: an example of exactly that size
     # makes torchvision skip the resize, the export specialises on it and falls back to a slow strategy.
-    height, width = input_size or [size + 32 for size in _image_size(module)]
+    height, width = input_size or [size + 32 for size in module_image_size(module)]
     batch, h_dim, w_dim = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
     image_dims = {0: batch} if input_size else {0: batch, 2: h_dim, 3: w_dim}
     image = torch.rand(2, 3, height, width, device=device)

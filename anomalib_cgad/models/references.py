@@ -22,11 +22,13 @@ operating point (:mod:`anomalib_cgad.components.operating_point`).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from anomalib_cgad.components.operating_point import OperatingPoint, leave_one_out_statistics
+from anomalib_cgad.components.reference_bank import load_model_bank, save_model_bank
 from anomalib_cgad.data.images import (
     NonFiniteError,
     ReferenceError,
@@ -142,6 +144,26 @@ class ReferenceMixin:
             finally:
                 self.model.train(was_training)
         self.operating_point.reference_stats = stats.to(self.device)
+
+    def save_bank(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Save the bank the model holds (tensors, metadata, operating point) as the plugin's ``.npz`` bank file.
+
+        The same file ``anomalib-cgad bank`` writes and :class:`~anomalib_cgad.deploy.BankInferencer` reads.
+
+        Raises:
+            BankError: the model holds no bank yet.
+            FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
+            ValueError: ``path`` does not end with ``.npz``.
+        """
+        return save_model_bank(self, path, overwrite=overwrite)
+
+    def load_bank(self, path: str | Path) -> None:
+        """Make a ``.npz`` bank file (from :meth:`save_bank`, ``anomalib-cgad bank`` or the deployment) the bank.
+
+        Raises:
+            BankError: not a bank file, or one built for other weights, backbone, layers or image size.
+        """
+        load_model_bank(self, path)
 
     def _ensure_bank(self, stage: str, dataloader_idx: int) -> None:
         key = (stage, dataloader_idx)

@@ -203,14 +203,14 @@ def test_corrupt_dataset_image_is_skipped_with_a_warning_naming_it(synthetic_roo
 def _saved_bank(synthetic_root, tmp_path, size=SIZE) -> Path:
     model = _model(ResAD, size=size)
     model.set_references(load_images(_good(synthetic_root)[:2], size))
-    return model.save_bank(tmp_path / "bank.pt")
+    return model.save_bank(tmp_path / "bank.npz")
 
 
 def test_bank_of_another_backbone(synthetic_root, tmp_path) -> None:
     path = _saved_bank(synthetic_root, tmp_path)
     other = _model(ResAD, backbone="resnet18", layers=(1, 2), backbone_weights=None)
     with pytest.raises(
-        BankMismatchError, match=r"backbone: bank has 'tf_efficientnet_lite0', model expects 'resnet18'"
+        BankMismatchError, match=r"backbone: bank has 'tf_efficientnet_lite0', model has 'resnet18'"
     ):
         other.load_bank(path)
 
@@ -218,7 +218,7 @@ def test_bank_of_another_backbone(synthetic_root, tmp_path) -> None:
 def test_bank_of_another_image_size(synthetic_root, tmp_path) -> None:
     path = _saved_bank(synthetic_root, tmp_path)
     other = _model(ResAD, size=(96, 96))
-    with pytest.raises(BankMismatchError, match=r"image_size: bank has \[64, 64\], model expects \[96, 96\]"):
+    with pytest.raises(BankMismatchError, match=r"image_size: bank has \[64, 64\], model has \[96, 96\]"):
         other.load_bank(path)
 
 
@@ -227,7 +227,7 @@ def test_bank_file_is_never_overwritten(synthetic_root, tmp_path) -> None:
     before = path.read_bytes()
     model = _model(ResAD)
     model.set_references(load_images(_good(synthetic_root)[2:4], SIZE))
-    with pytest.raises(FileExistsError, match=r"Refusing to overwrite existing bank file '.*bank\.pt'"):
+    with pytest.raises(FileExistsError, match=r"Refusing to overwrite existing bank file '.*bank\.npz'"):
         model.save_bank(path)
     assert path.read_bytes() == before
 

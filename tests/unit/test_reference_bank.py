@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from anomalib_cgad.components.backbone import FeatureExtractor
 from anomalib_cgad.components.reference_bank import (
+    BankMismatchError,
     ReferenceBank,
     batched_residual_features,
     best_index,
@@ -16,6 +18,7 @@ from anomalib_cgad.components.reference_bank import (
     residual_features,
 )
 from anomalib_cgad.coreset import coreset_indices
+from anomalib_cgad.deploy.inferencer import Bank
 from anomalib_cgad.models.base import load_images
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None])
@@ -109,17 +112,28 @@ def test_bank_buffers_restore_any_size() -> None:
     assert int(fresh.num_refs) == 2
 
 
-def test_bank_file_is_plain_tensors_with_metadata(tmp_path) -> None:
-    bank = ReferenceBank(2)
-    bank.set([torch.rand(2, 4, 3, 3), torch.rand(2, 8, 2, 2)])
-    meta = {"backbone": "tf_efficientnet_lite0", "layers": [2, 3], "image_size": [96, 96]}
-    path = bank.save(tmp_path / "bank.pt", meta)
-    payload = torch.load(path, weights_only=True)
-    assert payload["metadata"] == meta
-    levels = ReferenceBank.load(path, {"backbone": "tf_efficientnet_lite0", "layers": (2, 3), "image_size": (96, 96)})
-    assert all(torch.equal(a, b) for a, b in zip(levels, bank.tensors(), strict=True))
-    with pytest.raises(ValueError, match="image_size"):
-        ReferenceBank.load(path, {"image_size": [256, 256]})
+def test_bank_file_is_npz_arrays_with_json_metadata(tmp_path) -> None:
+    """The one bank file: plain arrays + a JSON string (no pickle), checked against the model on use."""
+    meta = {"model": "ResADModel", "backbone": "tf_efficientnet_lite0", "layers": [2, 3], "image_size": [96, 96]}
+    bank = Bank([np.random.rand(18, 4).astype(np.float32), np.random.rand(8, 8).astype(np.float32)], meta)
+    path = bank.save(tmp_path / "bank.npz")
+    with np.load(path, allow_pickle=False) as data:
+        assert sorted(data.files) == ["__metadata__", "bank_0", "bank_1", "reference_stats"]
+    loaded = Bank.load(path)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.tensors, bank.tensors, strict=True))
+    loaded.check({**meta, "layers": (2, 3)})  # a tuple and a list of the same layers agree
+    with pytest.raises(BankMismatchError, match=r"image_size: bank has \[96, 96\], model has \[256, 256\]"):
+        loaded.check({"image_size": [256, 256]})
+    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
+        bank.save(path)
+
+
+def test_old_torch_bank_file_is_refused_with_the_fix(tmp_path) -> None:
+    """A ``.pt`` bank (``torch.save`` of tensors, the format before ``.npz``) is named as such, with the fix."""
+    path = tmp_path / "bank.pt"
+    torch.save({"format": "anomalib-cgad-bank/1", "metadata": {}, "levels": [torch.rand(4, 2)]}, path)
+    with pytest.raises(BankMismatchError, match=r"torch \(\.pt\) bank file.*save_bank\('NEW\.npz'\)"):
+        Bank.load(path)
 
 
 class _Residuals(nn.Module):

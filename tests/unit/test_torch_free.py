@@ -80,8 +80,8 @@ def test_deploy_command_help_needs_no_torch(command: str) -> None:
 def test_heavy_deploy_names_still_resolve() -> None:
     """The deploy package's torch names load on first use (and are the objects of their modules)."""
     import anomalib_cgad.deploy as deploy
+    from anomalib_cgad.components.reference_bank import load_model_bank
     from anomalib_cgad.deploy.export_mixin import BankExportMixin
-    from anomalib_cgad.deploy.openvino import load_model_bank
 
     assert deploy.BankExportMixin is BankExportMixin
     assert deploy.load_model_bank is load_model_bank

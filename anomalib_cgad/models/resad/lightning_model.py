@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_cgad.components.flow import chunks
-from anomalib_cgad.components.reference_bank import ReferenceBank, batched_residual_features, flatten_patches
+from anomalib_cgad.components.reference_bank import batched_residual_features, flatten_patches
 from anomalib_cgad.components.residual_loss import (
     BoundaryEMA,
     flow_loss_official,
@@ -391,19 +390,3 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         self.log("train_occ", occ.detach(), prog_bar=True)
         self.log("train_flow", flow_total, prog_bar=True)
         return {"loss": occ.detach() + flow_total}
-
-    def bank_metadata(self) -> dict:
-        """What a saved bank must match: the torch model's metadata plus the input size of the pre-processor."""
-        return {**self.model.bank_metadata(), "image_size": list(self.reference_image_size())}
-
-    def save_bank(self, path: str | Path) -> Path:
-        """Save the current reference bank to a plain tensor file (tensors + metadata, no pickled objects)."""
-        return self.model.bank.save(path, self.bank_metadata())
-
-    def load_bank(self, path: str | Path) -> None:
-        """Make a bank file written by :meth:`save_bank` the current bank.
-
-        Raises:
-            BankMismatchError: the bank was built with another backbone, layers, matching, residual or image size.
-        """
-        self.model.bank.set_tensors(ReferenceBank.load(path, self.bank_metadata()))
