@@ -18,11 +18,11 @@ Importing this package is cheap: the model classes (torch, anomalib, Lightning) 
 Importing :mod:`anomalib_cgad.models` registers the models with anomalib.
 
 Example:
+    >>> import anomalib_cgad
+    >>> from anomalib.data import MVTecAD
     >>> from anomalib.engine import Engine
-    >>> from anomalib_cgad import CGAD
-    >>> from anomalib_cgad.data import CrossClass
-    >>> datamodule = CrossClass(source_dataset="ELPV", source_categories=["mono"], target_categories=["poly"])
-    >>> Engine(max_epochs=4).train(CGAD(), datamodule=datamodule)  # doctest: +SKIP
+    >>> model = anomalib_cgad.CGAD(few_shot_source="new_product/good")  # k normal images of the class to test
+    >>> Engine().test(model, datamodule=MVTecAD(category="bottle"), ckpt_path="cgad.ckpt")  # doctest: +SKIP
 """
 
 from __future__ import annotations

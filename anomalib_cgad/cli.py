@@ -91,6 +91,18 @@ def _inferencer(args: argparse.Namespace, command: str):
     return None  # unreachable
 
 
+def _images_and_inferencer(args: argparse.Namespace, command: str):
+    """``--bad-images`` mode, the ``--images`` files and the export's inferencer, or a one-line failure."""
+    from anomalib_cgad.deploy.inferencer import bad_images_mode, list_images
+
+    try:
+        mode = bad_images_mode(args.bad_images)
+        paths = list_images(args.images)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(command, str(exc))
+    return mode, paths, _inferencer(args, command)
+
+
 def _add_bad_images_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bad-images",
@@ -118,9 +130,7 @@ def _bank_command(args: argparse.Namespace) -> None:
     from anomalib_cgad.deploy.inferencer import (
         BankError,
         ImageInputError,
-        bad_images_mode,
         check_unreadable,
-        list_images,
         read_image,
     )
 
@@ -130,12 +140,7 @@ def _bank_command(args: argparse.Namespace) -> None:
         _fail("bank", f"'{args.out}' already exists; pass --overwrite to replace it.")
     if args.k is not None and args.k < 1:
         _fail("bank", f"--k must be >= 1, got {args.k}.")
-    try:
-        mode = bad_images_mode(args.bad_images)
-        paths = list_images(args.images)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail("bank", str(exc))
-    inferencer = _inferencer(args, "bank")
+    mode, paths, inferencer = _images_and_inferencer(args, "bank")
     k = args.k or inferencer.k_shot
     if len(paths) < k:
         _fail("bank", f"{len(paths)} image(s) given but k={k} references are needed (pass --k to use fewer).")
@@ -184,13 +189,9 @@ def _add_predict_ov_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _save_overlay(path: Path, image, anomaly_map) -> None:
-    import numpy as np
-    from anomalib.visualization.image.functional import overlay_image, visualize_anomaly_map
-    from PIL import Image
+    from anomalib_cgad.deploy.overlay import overlay_heatmap  # numpy + Pillow: --out needs no torch either
 
-    base = Image.fromarray((np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8))
-    heat = visualize_anomaly_map(np.clip(anomaly_map.squeeze(), 0, 1), colormap=True)
-    overlay_image(base, heat, alpha=0.5).convert("RGB").save(path)
+    overlay_heatmap(image, anomaly_map).save(path)
 
 
 def _predict_ov_command(args: argparse.Namespace) -> None:
@@ -206,8 +207,6 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
         Bank,
         BankError,
         ImageInputError,
-        bad_images_mode,
-        list_images,
         read_image,
     )
 
@@ -218,12 +217,7 @@ def _predict_ov_command(args: argparse.Namespace) -> None:
             _fail("predict-ov", f"--out '{args.out}' exists and is not a folder.")
         if any(args.out.iterdir()) and not args.overwrite:
             _fail("predict-ov", f"--out folder '{args.out}' is not empty; pass --overwrite to write into it.")
-    try:
-        mode = bad_images_mode(args.bad_images)
-        paths = list_images(args.images)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail("predict-ov", str(exc))
-    inferencer = _inferencer(args, "predict-ov")
+    mode, paths, inferencer = _images_and_inferencer(args, "predict-ov")
     try:
         bank = Bank.load(args.bank) if args.bank is not None else inferencer.default_bank
         inferencer.check_bank(bank)

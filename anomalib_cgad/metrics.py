@@ -121,15 +121,7 @@ class PerClassEvaluator(Evaluator):
                 trainer.logged_metrics[key] = torch.tensor(value)
         return logged
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_validation_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """Update the validation metrics of the batch's class."""
         del pl_module, outputs, batch_idx
         if len(self.val_metrics):
@@ -140,15 +132,7 @@ class PerClassEvaluator(Evaluator):
         del pl_module
         self._log(trainer, "val")
 
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_test_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """Update the test metrics of the batch's class."""
         del pl_module, outputs, batch_idx
         self._update(trainer, "test", self.test_metrics, batch, dataloader_idx)

@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,26 @@ def efdm(residual: torch.Tensor, quantised: torch.Tensor, alpha: float = 0.4) ->
     rank = order.argsort(dim=-1)  # inverse permutation: un-sorting is a gather
     # α·r + (1 − α)·q_rank is sorted(r) + (1 − α)(sorted(q) − sorted(r)) un-sorted, and exact at α ∈ {0, 1}
     return (alpha * values + (1.0 - alpha) * target.gather(-1, rank)).reshape(residual.shape)
+
+
+@dataclass(frozen=True)
+class CodebookOptions:
+    """ResAD++'s feature distribution matching: a residual codebook per level and EFDM towards it.
+
+    Args:
+        codes (int): codes per level (released code: 1536). Defaults to ``1536``.
+        alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
+        beta (float): weight of the codebook term of the VQ loss. Defaults to ``0.25``.
+    """
+
+    codes: int = 1536
+    alpha: float = 0.4
+    beta: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            msg = f"fdm_alpha must lie in [0, 1], got {self.alpha}."
+            raise ValueError(msg)
 
 
 class ResidualCodebook(nn.Module):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -188,6 +189,19 @@ def coupling_flow(channels: int, coupling_blocks: int, condition_dim: int, clamp
             permute_soft=permute_soft,
         )
     return coder
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Size of the per-level conditional flow (one typed object for the torch models).
+
+    Args:
+        coupling_blocks (int): ``AllInOneBlock`` layers per level (paper: 8, official code: 10). Defaults to ``8``.
+        condition_dim (int): length of the positional code (multiple of 4). Defaults to ``128`` (ResAD's).
+    """
+
+    coupling_blocks: int = 8
+    condition_dim: int = 128
 
 
 class ConditionalFlow(nn.Module):

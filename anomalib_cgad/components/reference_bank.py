@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,9 +148,14 @@ def nearest_reference(queries: torch.Tensor, bank: torch.Tensor, matching: str =
     return torch.gather(bank, -2, index.unsqueeze(-1).expand(*index.shape, bank.shape[-1]))
 
 
-def _residual(queries: torch.Tensor, nearest: torch.Tensor, residual: str) -> torch.Tensor:
-    diff = queries - nearest
-    return diff * diff if residual == "sq_diff" else diff
+def _level_residuals(feature: torch.Tensor, refs: torch.Tensor, matching: str, residual: str) -> torch.Tensor:
+    """Residual map ``(B, C, H, W)`` of one level against one bank ``(M, C)`` or one per sample ``(B, M, C)``."""
+    batch, channels, height, width = feature.shape
+    patches = feature.permute(0, 2, 3, 1)
+    queries = patches.reshape(-1, channels) if refs.ndim == 2 else patches.reshape(batch, height * width, channels)
+    diff = queries - nearest_reference(queries, refs.to(queries.dtype), matching)
+    diff = diff * diff if residual == "sq_diff" else diff
+    return diff.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def residual_features(
@@ -162,52 +168,48 @@ def residual_features(
 
     Args:
         features (Sequence[torch.Tensor]): per level ``(B, C_l, H_l, W_l)``.
-        bank (Sequence[torch.Tensor]): per level ``(M_l, C_l)`` reference patches of the class.
+        bank (Sequence[torch.Tensor]): per level either ``(M_l, C_l)``, the reference patches of the class that
+            every sample is matched against, or ``(B, M_l, C_l)``, each sample's *own* reference patches
+            (training, where every query has references of its class).
         matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
         residual (str): ``"diff"`` (signed) or ``"sq_diff"`` (element-wise square). Defaults to ``"diff"``.
-
-    Returns:
-        list[torch.Tensor]: per level ``(B, C_l, H_l, W_l)`` residual maps.
-    """
-    out = []
-    for feature, refs in zip(features, bank, strict=True):
-        batch, channels, height, width = feature.shape
-        queries = flatten_patches(feature)
-        diff = _residual(queries, nearest_reference(queries, refs.to(queries.dtype), matching), residual)
-        out.append(diff.reshape(batch, height, width, channels).permute(0, 3, 1, 2))
-    return out
-
-
-def batched_residual_features(
-    features: Sequence[torch.Tensor],
-    banks: Sequence[torch.Tensor],
-    matching: str = "l2",
-    residual: str = "diff",
-) -> list[torch.Tensor]:
-    """Residuals of each sample against its *own* reference set (training: every query has its references).
-
-    Args:
-        features (Sequence[torch.Tensor]): per level ``(B, C_l, H_l, W_l)``.
-        banks (Sequence[torch.Tensor]): per level ``(B, M_l, C_l)``: the reference patches of each sample.
-        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"l2"``.
-        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"diff"``.
 
     Returns:
         list[torch.Tensor]: per level ``(B, C_l, H_l, W_l)`` residual maps.
 
     Example:
         >>> feats = [torch.rand(2, 8, 4, 4)]
-        >>> banks = [flatten_patches(feats[0]).reshape(2, 16, 8)]  # each sample is its own reference
-        >>> batched_residual_features(feats, banks)[0].abs().max() < 1e-3
+        >>> own = [flatten_patches(feats[0]).reshape(2, 16, 8)]  # each sample is its own reference
+        >>> residual_features(feats, own)[0].abs().max() < 1e-3
         tensor(True)
     """
-    out = []
-    for feature, refs in zip(features, banks, strict=True):
-        batch, channels, height, width = feature.shape
-        queries = feature.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        diff = _residual(queries, nearest_reference(queries, refs.to(queries.dtype), matching), residual)
-        out.append(diff.reshape(batch, height, width, channels).permute(0, 3, 1, 2))
-    return out
+    return [_level_residuals(feature, refs, matching, residual) for feature, refs in zip(features, bank, strict=True)]
+
+
+@dataclass(frozen=True)
+class BankOptions:
+    """How a model's bank compares a query patch with the references (one typed object for the torch models).
+
+    Args:
+        matching (str): nearest-reference metric, ``"l2"`` (the ResAD paper) or ``"cosine"`` (its released
+            code). Defaults to ``"cosine"``.
+        residual (str): ``"diff"`` (signed) or ``"sq_diff"`` (element-wise square). Defaults to ``"sq_diff"``.
+        coreset (float): share of each level's reference patches the bank keeps (greedy k-center coreset); the
+            nearest-reference search costs that share of the exact one. Defaults to ``1.0`` (exact).
+
+    Example:
+        >>> BankOptions(matching="l2").residual
+        'sq_diff'
+    """
+
+    matching: str = "cosine"
+    residual: str = "sq_diff"
+    coreset: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("matching", self.matching, MATCHING)
+        check_choice("residual", self.residual, RESIDUAL)
+        check_coreset_fraction(self.coreset)
 
 
 class ReferenceBank(DynamicBufferMixin, nn.Module):
@@ -283,6 +285,7 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
         """Residual maps of ``features`` against ``bank`` (default: the stored one)."""
         bank = self.tensors() if bank is None else bank
         return residual_features(features, bank, self.matching, self.residual)
+
 
 # ----------------------------------------------------------------------------------------------- bank files
 # A model's bank leaves and enters torch as a ``Bank`` (arrays + metadata + operating point), the ``.npz``

@@ -88,13 +88,7 @@ class BoundaryEMA:
         return 0.0 if self.value is None else self.value
 
 
-def flow_loss_paper(
-    logp: torch.Tensor,
-    coverage: torch.Tensor,
-    boundary: float,
-    tau: float = 0.1,
-    weight: float = 1.0,
-) -> torch.Tensor:
+def flow_loss_paper(logp: torch.Tensor, coverage: torch.Tensor, boundary: float, tau=0.1, weight=1.0) -> torch.Tensor:
     """NLL of normal rows + ``weight``·BG-SPP hinge (paper Eq. 4-6)."""
     abnormal = coverage >= 0.5
     normal = logp[~abnormal]

@@ -32,7 +32,8 @@ every entry point converts an image the same way.
 
 The bank file (``.npz``: arrays ``bank_0 … bank_n`` + a JSON ``__metadata__`` string, read with
 ``allow_pickle=False``) is the same one the torch models read and write
-(:func:`anomalib_cgad.deploy.load_model_bank` / :func:`anomalib_cgad.deploy.save_model_bank`).
+(``model.load_bank`` / ``model.save_bank``, or :func:`anomalib_cgad.deploy.load_model_bank` /
+:func:`anomalib_cgad.deploy.save_model_bank`).
 
 Notes:
     On CPUs with AMX/AVX512-BF16, OpenVINO's CPU plugin defaults to bf16 inference, which moves scores by
@@ -294,7 +295,7 @@ class Bank:
                 f"'{path}' was written before banks carried a normal-only operating point (format "
                 f"{metadata.get('format')!r}), so it cannot label images. Recompute it from the class's k normal "
                 "images: 'anomalib-cgad bank --images DIR --model EXPORT --out NEW.npz', "
-                "BankInferencer.compute_bank, or set_references + anomalib_cgad.deploy.save_model_bank."
+                "BankInferencer.compute_bank, or model.set_references(images) then model.save_bank('NEW.npz')."
             )
             raise BankError(msg)
         if metadata.get("format") != BANK_FORMAT or not tensors or stats is None or stats.shape != (2,):

@@ -198,8 +198,17 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
         """
         return default_evaluator()
 
-    def _init_references(self, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> None:
-        """The state of references, checkpoints and the operating point (called last in the model's ``__init__``)."""
+    def _init_references(
+        self,
+        k_shot: int | None = None,
+        few_shot_source: str | None = None,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    ) -> None:
+        """The references (``k_shot``, ``None``: the datamodule's or 4; their source), the checkpoint state and the
+        operating point: the model's arguments of those names (called last in the model's ``__init__``)."""
+        self._k_shot_given = k_shot is not None  # an explicit k_shot must agree with the datamodule's
+        self.k_shot = DEFAULT_K_SHOT if k_shot is None else k_shot
+        self.few_shot_source = few_shot_source
         self._init_reference_state()
         self._init_checkpoint_state()
         self.training_pool: TrainingPool | None = None

@@ -27,6 +27,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -38,6 +39,46 @@ from anomalib_cgad.components.training_pool import TrainingPool
 from anomalib_cgad.validation import check_choice, check_count
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpisodeOptions:
+    """What an episode is made of, the options MetaAD and CGAD share (their constructor arguments of these names).
+
+    Checked when made, so a bad option fails before the backbone is built.
+
+    Args:
+        k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
+        direction (str): ``"multi"`` (roles rotate over the classes) or ``"single"`` (one fixed split).
+        margin (str): the outer level's confidence-margin loss, ``"mean_gap"``, ``"pairwise"`` or ``"energy"``.
+        pcgrad (bool): PCGrad across the outer classes' losses. Defaults to ``True``.
+        outer (bool): run the outer level (``False``: the inner-only ablation). Defaults to ``True``.
+        inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
+        anomalies_per_class (int): anomalous images per outer class and episode. Defaults to ``2``.
+        epoch_classes (int | None): bound of the episodes per epoch (:meth:`EpisodicMixin._episode_budget`).
+            Defaults to ``4``.
+    """
+
+    k_choices: Sequence[int] = (1, 2, 4, 8)
+    direction: str = "multi"
+    margin: str = "mean_gap"
+    pcgrad: bool = True
+    outer: bool = True
+    inner_queries: int = 8
+    anomalies_per_class: int = 2
+    epoch_classes: int | None = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k_choices", tuple(self.k_choices))
+        if not self.k_choices:
+            msg = "k_choices needs at least one reference count, got none."
+            raise ValueError(msg)
+        for k in self.k_choices:
+            check_count("k_choices", k)
+        check_choice("direction", self.direction, DIRECTIONS)
+        check_choice("margin", self.margin, MARGINS)
+        if self.epoch_classes is not None:
+            check_count("epoch_classes", self.epoch_classes)
 
 
 @runtime_checkable
@@ -69,7 +110,7 @@ class EpisodicMixin(ABC):
     ``FewShotModuleMixin`` and ``AnomalibModule``, so that its ``training_step`` is the one Lightning calls.
     Init order, in the model's ``__init__`` and hooks:
 
-    1. :meth:`_check_episode_options` before ``AnomalibModule.__init__`` (a bad option fails before the
+    1. an :class:`EpisodeOptions` made before ``AnomalibModule.__init__`` (a bad option fails before the
        backbone is built);
     2. ``AnomalibModule.__init__``, then :meth:`_init_episodes` (it switches to manual optimisation, which
        must happen before Lightning's trainer sees the model);
@@ -103,44 +144,13 @@ class EpisodicMixin(ABC):
             nothing was stepped.
         """
 
-    @staticmethod
-    def _check_episode_options(
-        k_shot: int, k_choices: Sequence[int], direction: str, margin: str, epoch_classes: int | None = None
-    ) -> None:
-        for name, value in (("k_shot", k_shot), *(("k_choices", k) for k in k_choices)):
-            check_count(name, value, check_range=False)  # type first; the range message below names both options
-        if k_shot < 1 or min(k_choices) < 1:
-            msg = f"k_shot and k_choices must be >= 1 (got {k_shot}, {list(k_choices)})."
-            raise ValueError(msg)
-        check_choice("direction", direction, DIRECTIONS)
-        check_choice("margin", margin, MARGINS)
-        if epoch_classes is not None:
-            check_count("epoch_classes", epoch_classes)
-
-    def _init_episodes(
-        self,
-        *,
-        k_choices: Sequence[int],
-        direction: str,
-        margin: str,
-        pcgrad: bool,
-        outer: bool,
-        inner_queries: int,
-        anomalies_per_class: int,
-        seed: int,
-        epoch_classes: int | None = None,
-    ) -> None:
-        """Store the episode options (the model's arguments of the same names); manual optimisation, no sampler
-        yet (it needs the training classes), no hardness, no outer step taken."""
-        self.k_choices = list(k_choices)
-        self.direction = direction
-        self.margin = margin
-        self.pcgrad = pcgrad
-        self.outer = outer
-        self.inner_queries = inner_queries
-        self.anomalies_per_class = anomalies_per_class
+    def _init_episodes(self, options: EpisodeOptions, seed: int) -> None:
+        """Store the episode options as attributes of the same names and the seed; manual optimisation, no
+        sampler yet (it needs the training classes), no hardness, no outer step taken."""
+        for option in fields(options):
+            setattr(self, option.name, getattr(options, option.name))
+        self.k_choices = list(options.k_choices)
         self.seed = seed
-        self.epoch_classes = epoch_classes
         self.automatic_optimization = False
         self.sampler: EpisodeSampler | None = None
         self.hardness: dict[str, float] = {}

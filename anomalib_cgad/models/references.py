@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from anomalib_cgad.components.operating_point import OperatingPoint, leave_one_out_statistics
+from anomalib_cgad.components.operating_point import OperatingPoint, encode, leave_one_out_statistics
 from anomalib_cgad.components.reference_bank import load_model_bank, save_model_bank
 from anomalib_cgad.data.images import (
     NonFiniteError,
@@ -135,12 +135,16 @@ class ReferenceMixin:
             msg = f"Reference images {bad} (of {len(images)}) contain NaN or inf pixel values."
             raise NonFiniteError(msg)
         images = images.to(self.device)
+        transform = self.pre_processor.transform
         with torch.no_grad():
-            self.model.set_reference(self.pre_processor.transform(images))
+            # Each reference crosses the frozen backbone once, for the bank and for the leave-one-out pass.
+            features = encode(self.model, images, transform)
+            size = transform(images[:1]).shape[-2:]
+            self.model.set_bank_tensors(self.model.bank_from_features(features, size), num_refs=len(images))
             was_training = self.model.training
             self.model.eval()
             try:
-                stats = leave_one_out_statistics(self.model, images, self.pre_processor.transform)
+                stats = leave_one_out_statistics(self.model, images, transform, features)
             finally:
                 self.model.train(was_training)
         self.operating_point.reference_stats = stats.to(self.device)

@@ -7,6 +7,7 @@ torch-vs-OpenVINO label parity of the operating point is in ``test_openvino.py``
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from anomalib.engine import Engine
 
+from anomalib_cgad import CGAD, MetaAD, ResAD
 from anomalib_cgad.components.operating_point import (
     OperatingPoint,
     OperatingPointPostProcessor,
@@ -173,3 +175,27 @@ def test_calibration_from_cached_features_equals_re_encoding_every_draw(tmp_path
     assert row.scores == 4 * (8 - 4)  # 4 draws of k = 4 references, the other 4 images scored each time
     assert row.max_abs_diff < 1e-4, row.max_abs_diff
     assert (folder / "results.md").read_text().count("| ResAD") == 1
+
+
+@pytest.mark.parametrize("model_cls", [CGAD, MetaAD, ResAD])
+@pytest.mark.parametrize("training", [True, False])
+def test_set_references_encodes_once_and_equals_the_bank_and_leave_one_out_pass(model_cls, training) -> None:
+    """``set_references`` reuses one backbone pass for the bank and the leave-one-out statistics: same numbers as
+    ``model.set_reference`` followed by :func:`leave_one_out_statistics` (each encoding the images itself)."""
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 64)
+    model = model_cls(
+        pre_processor=model_cls.configure_pre_processor((64, 64)), visualizer=False, backbone_weights=None
+    )
+    twin = copy.deepcopy(model)
+    model.train(training)
+    twin.train(training)
+    model.set_references(images)
+    with torch.no_grad():
+        twin.model.set_reference(twin.pre_processor.transform(images))
+        twin.model.eval()
+        stats = leave_one_out_statistics(twin.model, images, twin.pre_processor.transform)
+    for ours, theirs in zip(model.model.bank_tensors(), twin.model.bank_tensors(), strict=True):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(model.operating_point.reference_stats, stats)
+    assert model.model.training == training  # the leave-one-out pass puts the mode back

@@ -9,6 +9,7 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
 
 from anomalib_cgad import ResAD
 from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
@@ -413,13 +414,18 @@ def test_forward_scores_against_the_bank_it_is_given(synthetic_root) -> None:
 def test_bank_file_round_trip_through_the_model(synthetic_root, tmp_path) -> None:
     from anomalib_cgad.models.base import load_images
 
+    seed_everything(0)
     model = _resad()
     paths = sorted((synthetic_root / "waves" / "train" / "good").glob("*.png"))[:2]
     model.set_references(load_images(paths, SIZE))
-    path = model.save_bank(tmp_path / "waves.pt")
-    other = _resad()
+    path = model.save_bank(tmp_path / "waves.npz")
+    seed_everything(0)
+    other = _resad()  # the same weights, no bank yet
     other.load_bank(path)
     assert all(torch.equal(a, b) for a, b in zip(model.model.bank_tensors(), other.model.bank_tensors(), strict=True))
+    assert torch.equal(other.operating_point.reference_stats, model.operating_point.reference_stats)
+    with pytest.raises(BankMismatchError, match="fingerprint"):  # a bank belongs to the weights that built it
+        _resad().load_bank(path)
     with pytest.raises(BankMismatchError, match="layers"):
         _resad(layers=(1, 2)).load_bank(path)
     bigger = ResAD(visualizer=False, coupling_blocks=2, condition_dim=32)  # default 256 px input

@@ -11,7 +11,6 @@ from anomalib_cgad.components.backbone import FeatureExtractor
 from anomalib_cgad.components.reference_bank import (
     BankMismatchError,
     ReferenceBank,
-    batched_residual_features,
     best_index,
     flatten_patches,
     nearest_reference,
@@ -93,7 +92,7 @@ def test_per_sample_references_match_one_bank_per_sample(matching: str, residual
     features = [torch.randn(3, 8, 4, 4), torch.randn(3, 16, 2, 2)]
     refs = [torch.randn(3, 2, 8, 4, 4), torch.randn(3, 2, 16, 2, 2)]  # (B, k, C, H, W)
     banks = [torch.stack([flatten_patches(r[b]) for b in range(3)]) for r in refs]  # (B, k·H·W, C)
-    batched = batched_residual_features(features, banks, matching, residual)
+    batched = residual_features(features, banks, matching, residual)
     for b in range(3):
         single = residual_features([f[b : b + 1] for f in features], [bank[b] for bank in banks], matching, residual)
         for level in range(2):

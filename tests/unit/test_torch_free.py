@@ -7,8 +7,9 @@ would fail, not merely be noticed.
 
 - ``import anomalib_cgad.deploy.inferencer`` / ``anomalib_cgad.coreset`` / the deploy package's light names;
 - ``anomalib-cgad bank --help`` and ``predict-ov --help``;
-- ``anomalib-cgad bank`` and ``predict-ov`` on a real OpenVINO export: the bank written and the scores
-  printed without torch equal those of :class:`BankInferencer` in this (torch) process;
+- ``anomalib-cgad bank`` and ``predict-ov --out`` on a real OpenVINO export: the bank written and the scores
+  printed without torch equal those of :class:`BankInferencer` in this (torch) process, and the overlays are
+  written;
 - ``anomalib_cgad.CGAD`` and ``from anomalib_cgad import ...`` still give the model classes, registered with
   anomalib.
 """
@@ -159,12 +160,15 @@ def test_bank_and_predict_ov_run_without_torch(export, synthetic_root, tmp_path)
     queries = sorted(str(folder) for folder in (synthetic_root / "waves" / "test").iterdir())  # good + defects
     out = tmp_path / "waves.npz"
     bank_args = ["bank", "--images", str(references), "--model", str(export), "--k", "2", "--out", str(out)]
-    predict_args = ["predict-ov", "--images", *queries, "--model", str(export), "--bank", str(out)]
+    maps = tmp_path / "maps"
+    predict_args = ["predict-ov", "--images", *queries, "--model", str(export), "--bank", str(out), "--out", str(maps)]
     code = f"{BLOCK}from anomalib_cgad.cli import main\nmain({bank_args!r})\nmain({predict_args!r})\n{REPORT}"
     result = _python(code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _heavy(result.stdout) == "HEAVY []"
     assert "Wrote the bank of 2 image(s) (MetaAD" in result.stdout
+    overlays = sorted(maps.rglob("*.png"))  # --out writes one heat-map overlay per image, torch-free too
+    assert len(overlays) == len(list((synthetic_root / "waves" / "test").rglob("*.png")))
     printed = {
         line.split()[-1]: (float(line.split()[0]), line.split()[1])
         for line in result.stdout.splitlines()

@@ -36,12 +36,14 @@ from anomalib.models.components import AnomalibModule
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_cgad.components.reference_bank import flatten_patches
+from anomalib_cgad.components.flow import FlowOptions
+from anomalib_cgad.components.reference_bank import BankOptions, flatten_patches
 from anomalib_cgad.components.residual_loss import BoundaryEMA, flow_loss_paper, occ_paper
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
 from anomalib_cgad.models.cgad.torch_model import CGADModel
-from anomalib_cgad.models.episodic import EpisodicMixin
+from anomalib_cgad.models.episodic import EpisodeOptions, EpisodicMixin
+from anomalib_cgad.validation import check_count
 
 
 class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
@@ -131,50 +133,31 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         evaluator: nn.Module | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
-        self._check_episode_options(k_shot, k_choices, direction, margin, epoch_classes)
+        check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
+        episodes = EpisodeOptions(
+            k_choices, direction, margin, pcgrad, outer, inner_queries, anomalies_per_class, epoch_classes
+        )
         if inner_anomalies < 0:
             msg = f"inner_anomalies must be >= 0, got {inner_anomalies}."
             raise ValueError(msg)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self._init_episodes(
-            k_choices=k_choices,
-            direction=direction,
-            margin=margin,
-            pcgrad=pcgrad,
-            outer=outer,
-            inner_queries=inner_queries,
-            anomalies_per_class=anomalies_per_class,
-            seed=seed,
-            epoch_classes=epoch_classes,
-        )
+        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
+        self._init_episodes(episodes, seed)
         self.inner_anomalies = inner_anomalies
         self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step
-        self.k_shot = k_shot
-        self._k_shot_given = k_shot_given
-        self.few_shot_source = few_shot_source
         self.lr = lr
         self.outer_lr = outer_lr
         self.calibration_lr = calibration_lr
         self.synthetic_per_class = synthetic_per_class
         self.model = CGADModel(
-            backbone=backbone,
-            layers=layers,
-            backbone_weights=backbone_weights,
-            matching=matching,
-            residual=residual,
-            coupling_blocks=coupling_blocks,
-            condition_dim=condition_dim,
+            backbone,
+            layers,
+            backbone_weights,
+            bank=BankOptions(matching, residual, reference_coreset),
+            flow=FlowOptions(coupling_blocks, condition_dim),
             learn_temperature=learn_temperature,
             normalise_by_references=normalise_by_references,
-            reference_coreset=reference_coreset,
         )
-        self._init_references(false_alarm_rate)
+        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner (constraintor + flow), outer (flow) and calibration (``b``, ``T``) optimisers."""

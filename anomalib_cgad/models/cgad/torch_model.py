@@ -35,8 +35,11 @@ from torch import nn
 
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
-from anomalib_cgad.components.reference_bank import best_index, flatten_patches
+from anomalib_cgad.components.flow import FlowOptions
+from anomalib_cgad.components.reference_bank import BankOptions, best_index, flatten_patches
 from anomalib_cgad.models.resad.torch_model import ResADModel
+
+CGAD_FLOW = FlowOptions(condition_dim=16)  # ResAD's 128-long positional code cost CGAD accuracy (model README)
 
 
 def leave_one_out_residuals(features: Sequence[torch.Tensor], matching: str, residual: str) -> list[torch.Tensor]:
@@ -74,16 +77,14 @@ class CGADModel(ResADModel):
         layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
             the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
-        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"``.
-        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
-        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
-        condition_dim (int): positional-code length. Defaults to ``16`` (ResAD: 128; measured, see the model README).
+        bank (BankOptions): matching, residual and coreset of the reference bank. Defaults to cosine matching,
+            squared residuals, every patch.
+        flow (FlowOptions): coupling blocks and positional-code length. Defaults to 8 blocks and a 16-long code
+            (ResAD: 128; measured, see the model README).
         temperature_bounds (tuple[float, float]): bounds of the learned temperature. Defaults to ``(0.5, 10)``.
         learn_temperature (bool): learn T (else fixed at 1). Defaults to ``True``.
         normalise_by_references (bool): standardise scores by the references' leave-one-out map. Defaults to
             ``False`` (the learned ``b`` and ``T`` are the class-agnostic normalisation).
-        reference_coreset (float): share of the reference patches kept in the bank (greedy k-center coreset).
-            Defaults to ``1.0`` (exact search).
 
     Attributes:
         boundary (nn.Parameter): per-level ``b_l``.
@@ -96,26 +97,13 @@ class CGADModel(ResADModel):
         backbone: str = OFFLINE_BACKBONE,
         layers: Sequence[int] | None = None,
         backbone_weights: str | None = PRETRAINED,
-        matching: str = "cosine",
-        residual: str = "sq_diff",
-        coupling_blocks: int = 8,
-        condition_dim: int = 16,
+        bank: BankOptions = BankOptions(),
+        flow: FlowOptions = CGAD_FLOW,
         temperature_bounds: tuple[float, float] = (0.5, 10.0),
         learn_temperature: bool = True,
         normalise_by_references: bool = False,
-        reference_coreset: float = 1.0,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            layers=layers,
-            backbone_weights=backbone_weights,
-            matching=matching,
-            residual=residual,
-            coupling_blocks=coupling_blocks,
-            condition_dim=condition_dim,
-            score="likelihood",
-            reference_coreset=reference_coreset,
-        )
+        super().__init__(backbone, layers, backbone_weights, bank, flow, score="likelihood")
         self.boundary = nn.Parameter(torch.zeros(len(self.backbone.channels)))
         self.temperature = BoundedTemperature(1.0, temperature_bounds, learn=learn_temperature)
         self.normalise_by_references = normalise_by_references

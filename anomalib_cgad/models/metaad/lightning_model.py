@@ -30,9 +30,9 @@ from torch import nn
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
 from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
-from anomalib_cgad.models.episodic import EpisodicMixin
+from anomalib_cgad.models.episodic import EpisodeOptions, EpisodicMixin
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
-from anomalib_cgad.validation import check_choice
+from anomalib_cgad.validation import check_choice, check_count
 
 INNER_MODES = ("one_class", "supervised")
 
@@ -121,34 +121,18 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_choice("inner_mode", inner_mode, INNER_MODES)
-        k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
-        self._check_episode_options(k_shot, k_choices, direction, margin, epoch_classes)
+        check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
+        episodes = EpisodeOptions(
+            k_choices, direction, margin, pcgrad, outer, inner_queries, anomalies_per_class, epoch_classes
+        )
         if anomalies_per_class < 0:
             msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
             raise ValueError(msg)
         if outer and anomalies_per_class == 0 and synthetic_per_class == 0:
             msg = "anomalies_per_class=0 (synthetic only) needs synthetic_per_class > 0 for the outer level."
             raise ValueError(msg)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self._init_episodes(
-            k_choices=k_choices,
-            direction=direction,
-            margin=margin,
-            pcgrad=pcgrad,
-            outer=outer,
-            inner_queries=inner_queries,
-            anomalies_per_class=anomalies_per_class,
-            seed=seed,
-            epoch_classes=epoch_classes,
-        )
-        self.k_shot = k_shot
-        self._k_shot_given = k_shot_given
-        self.few_shot_source = few_shot_source
+        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
+        self._init_episodes(episodes, seed)
         self.inner_mode = inner_mode
         self.reconstruction_weight = reconstruction_weight
         self.lr, self.head_lr, self.encoder_lr, self.temperature_lr = lr, head_lr, encoder_lr, temperature_lr
@@ -164,7 +148,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
             head=head,
             score=score,
         )
-        self._init_references(false_alarm_rate)
+        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner AdamW (encoder, decoder, head), outer Adam (head, last encoder layer) and a T-only Adam."""

@@ -34,8 +34,9 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_cgad.components.flow import chunks
-from anomalib_cgad.components.reference_bank import batched_residual_features, flatten_patches
+from anomalib_cgad.components.distribution_matching import CodebookOptions
+from anomalib_cgad.components.flow import FlowOptions, chunks
+from anomalib_cgad.components.reference_bank import BankOptions, flatten_patches, residual_features
 from anomalib_cgad.components.residual_loss import (
     BoundaryEMA,
     flow_loss_official,
@@ -164,18 +165,13 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_choice("preset", preset, sorted(PRESETS))
-        k_shot_given, k_shot = k_shot is not None, DEFAULT_K_SHOT if k_shot is None else k_shot
-        check_count("k_shot", k_shot, check_range=False)  # type first; the range message below names both options
+        test_k_shot = DEFAULT_K_SHOT if k_shot is None else k_shot
+        check_count("k_shot", test_k_shot, check_range=False)  # type first; the range message below names both
         check_count("train_k_shot", train_k_shot, check_range=False)
-        if k_shot < 1 or train_k_shot < 1:
-            msg = f"k_shot and train_k_shot must be >= 1 (got {k_shot}, {train_k_shot})."
+        if test_k_shot < 1 or train_k_shot < 1:
+            msg = f"k_shot and train_k_shot must be >= 1 (got {test_k_shot}, {train_k_shot})."
             raise ValueError(msg)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
         options = {**PRESETS[preset]}
         for key, value in {"matching": matching, "residual": residual, "occ": occ, "flow_loss": flow_loss}.items():
             if value is not None:
@@ -185,10 +181,7 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         if fdm is not None:
             options["fdm"] = bool(fdm)
         self.options = options
-        self.k_shot = k_shot
-        self._k_shot_given = k_shot_given
         self.train_k_shot = train_k_shot
-        self.few_shot_source = few_shot_source
         self.lr = lr
         self.weight_decay = weight_decay
         self.bgspp_weight = bgspp_weight
@@ -197,26 +190,21 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         self.fiber_batch = fiber_batch
         self.seed = seed
         self.fdm_lr = fdm_lr
+        codebook = CodebookOptions(fdm_codes, fdm_alpha, fdm_beta)  # checked even when fdm is off
         self.model = ResADModel(
-            backbone=backbone,
-            layers=layers,
-            backbone_weights=backbone_weights,
-            matching=options["matching"],
-            residual=options["residual"],
-            coupling_blocks=coupling_blocks,
-            condition_dim=condition_dim,
+            backbone,
+            layers,
+            backbone_weights,
+            bank=BankOptions(options["matching"], options["residual"], reference_coreset),
+            flow=FlowOptions(coupling_blocks, condition_dim),
             score=options["score"],
-            fdm=options["fdm"],
-            fdm_codes=fdm_codes,
-            fdm_alpha=fdm_alpha,
-            fdm_beta=fdm_beta,
-            reference_coreset=reference_coreset,
+            codebook=codebook if options["fdm"] else None,
         )
         self.automatic_optimization = False
         self._boundaries = [BoundaryEMA() for _ in self.model.backbone.channels]
         self._epoch_logp_max: torch.Tensor | None = None
         self._codebook_generator: torch.Generator | None = None
-        self._init_references(false_alarm_rate)
+        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One Adam for the constraintor, one for the flows (the flow sees detached features, as in the released code).
@@ -314,7 +302,7 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
             torch.stack([flatten_patches(refs[level]) for refs in per_sample]).to(self.device)
             for level in range(len(feats))
         ]
-        return batched_residual_features(feats, banks, self.model.bank.matching, self.model.bank.residual)
+        return residual_features(feats, banks, self.model.bank.matching, self.model.bank.residual)
 
     def _codebook_step(
         self,

@@ -1,6 +1,6 @@
 """PyTorch model of ResAD: residual features → feature constraintor → conditional flow → anomaly map.
 
-With ``fdm=True`` (the ``official`` preset of the lightning module) the model also holds ResAD++'s residual
+With a ``codebook`` (the ``official`` preset of the lightning module) the model also holds ResAD++'s residual
 codebook, and in eval mode every residual map is moved towards the codes by EFDM before the constraintor
 (:mod:`anomalib_cgad.components.distribution_matching`). This happens inside :meth:`ResADModel.level_outputs`,
 so ``forward``, ``forward_with_bank`` and the exported graphs all include it; training never applies it.
@@ -26,9 +26,9 @@ from torch import nn
 from anomalib_cgad.components.anomaly_map import AnomalyMapGenerator
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED, FeatureExtractor
 from anomalib_cgad.components.bank_model import BankModel
-from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
-from anomalib_cgad.components.flow import ConditionalFlow
-from anomalib_cgad.components.reference_bank import ReferenceBank
+from anomalib_cgad.components.distribution_matching import CodebookOptions, ResidualCodebook, efdm
+from anomalib_cgad.components.flow import ConditionalFlow, FlowOptions
+from anomalib_cgad.components.reference_bank import BankOptions, ReferenceBank
 
 
 class FeatureConstraintor(nn.ModuleList):
@@ -52,28 +52,22 @@ class ResADModel(BankModel):
         layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
             the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path, or ``None`` (random).
-        matching (str): nearest-neighbour metric, ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"``.
-        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
-        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
-        condition_dim (int): positional-code length. Defaults to ``128``.
+        bank (BankOptions): matching, residual and coreset of the reference bank. Defaults to cosine matching,
+            squared residuals, every patch (:class:`~anomalib_cgad.components.reference_bank.BankOptions`).
+        flow (FlowOptions): coupling blocks and positional-code length. Defaults to 8 and 128.
         score (str): ``"likelihood"`` (S1 = Σ_l 1 − exp(logp̄_l − m_l)) or ``"merged"`` ((S1 + S2)/2 with
             S2 = mean_l σ(mean_c z − ½), the official code's score). Defaults to ``"merged"``.
         sigma (float): Gaussian smoothing of the map. Defaults to ``4``.
-        fdm (bool): hold a residual codebook and apply EFDM to the residuals in eval mode (ResAD++'s feature
-            distribution matching, released code only). Defaults to ``False`` (the lightning ``ResAD`` turns it on in
-            its ``official`` preset).
-        fdm_codes (int): codes per level. Defaults to ``1536``.
-        fdm_alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
-        fdm_beta (float): weight of the codebook term of the VQ loss. Defaults to ``0.25``.
-        reference_coreset (float): share of the reference patches kept in the bank (greedy k-center coreset):
-            the nearest-reference search costs this share of the exact one. Defaults to ``1.0`` (exact).
+        codebook (CodebookOptions | None): hold a residual codebook and apply EFDM to the residuals in eval mode
+            (ResAD++'s feature distribution matching, released code only). Defaults to ``None`` (off; the
+            lightning ``ResAD`` turns it on in its ``official`` preset).
 
     Attributes:
         backbone (FeatureExtractor): frozen feature extractor.
         bank (ReferenceBank): k-shot reference patches of the current class.
         constraintor (FeatureConstraintor): per-level Conv-BN-ReLU.
         flow (ConditionalFlow): per-level conditional normalizing flow.
-        codebook (ResidualCodebook | None): per-level codes of normal training residuals (``fdm=True`` only).
+        codebook (ResidualCodebook | None): per-level codes of normal training residuals (with ``codebook`` only).
         logp_max (torch.Tensor): per-level normaliser ``m_l`` (max ``logp̄`` on training normals).
     """
 
@@ -82,32 +76,23 @@ class ResADModel(BankModel):
         backbone: str = OFFLINE_BACKBONE,
         layers: Sequence[int] | None = None,
         backbone_weights: str | None = PRETRAINED,
-        matching: str = "cosine",
-        residual: str = "sq_diff",
-        coupling_blocks: int = 8,
-        condition_dim: int = 128,
+        bank: BankOptions = BankOptions(),
+        flow: FlowOptions = FlowOptions(),
         score: str = "merged",
         sigma: float = 4.0,
-        fdm: bool = False,
-        fdm_codes: int = 1536,
-        fdm_alpha: float = 0.4,
-        fdm_beta: float = 0.25,
-        reference_coreset: float = 1.0,
+        codebook: CodebookOptions | None = None,
     ) -> None:
         super().__init__()
         if score not in {"likelihood", "merged"}:
             msg = f"score must be 'likelihood' or 'merged', got '{score}'."
             raise ValueError(msg)
-        if not 0.0 <= fdm_alpha <= 1.0:
-            msg = f"fdm_alpha must lie in [0, 1], got {fdm_alpha}."
-            raise ValueError(msg)
         self.backbone = FeatureExtractor(backbone, layers, backbone_weights)
         channels = self.backbone.channels
-        self.bank = ReferenceBank(len(channels), matching=matching, residual=residual, coreset=reference_coreset)
+        self.bank = ReferenceBank(len(channels), bank.matching, bank.residual, bank.coreset)
         self.constraintor = FeatureConstraintor(channels)
-        self.flow = ConditionalFlow(channels, coupling_blocks=coupling_blocks, condition_dim=condition_dim)
-        self.codebook = ResidualCodebook(channels, num_codes=fdm_codes, beta=fdm_beta) if fdm else None
-        self.fdm_alpha = fdm_alpha
+        self.flow = ConditionalFlow(channels, flow.coupling_blocks, flow.condition_dim)
+        self.codebook = None if codebook is None else ResidualCodebook(channels, codebook.codes, codebook.beta)
+        self.fdm_alpha = 1.0 if codebook is None else codebook.alpha
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
         self.score = score
         self.register_buffer("logp_max", torch.zeros(len(channels)))

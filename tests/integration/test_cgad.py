@@ -1,0 +1,63 @@
+"""CGAD: checkpoints, its outer level without anomalies, and the inner level's BG-SPP option."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from engine_helpers import cpu_engine, small_model
+from lightning.pytorch import seed_everything
+
+from anomalib_cgad import CGAD
+
+
+def test_checkpoint_reload_gives_identical_scores(cross_class, tmp_path) -> None:
+    datamodule = cross_class()
+    model = small_model(CGAD)
+    engine = cpu_engine(tmp_path, 2)
+    engine.fit(model=model, datamodule=datamodule)
+    ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    assert ckpt
+    payload = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert any(key.endswith("bank.bank_0") for key in payload["state_dict"])
+    reloaded = CGAD.load_from_checkpoint(ckpt, visualizer=False).eval()
+    model.eval()
+    images = torch.stack([datamodule.test_data[i].image for i in range(6)])
+    refs = datamodule.reference_images("test", 0)
+    scores = []
+    for candidate in (model, reloaded):
+        candidate.set_references(refs)
+        with torch.no_grad():
+            scores.append(candidate.model(candidate.pre_processor.transform(images)).pred_score)
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
+
+
+def test_outer_level_without_any_anomaly_is_skipped_with_one_warning(cross_class, tmp_path, caplog) -> None:
+    """No labelled (``few_anomalies=0``) nor synthetic anomalies: CGAD trains its inner level only, and says so."""
+    model = small_model(CGAD, synthetic_per_class=0)
+    with caplog.at_level("WARNING", logger="anomalib_cgad.models.episodic"):
+        cpu_engine(tmp_path, 1).fit(model=model, datamodule=cross_class())
+    skipped = [r for r in caplog.records if r.getMessage().startswith("Outer level skipped: no anomalous patches")]
+    assert len(skipped) == 1, [r.getMessage() for r in caplog.records]
+    assert model.outer_steps == 0
+    assert model.hardness == {}
+    assert torch.equal(model.model.boundary, torch.zeros(2))  # the calibration optimiser never stepped
+    assert model.trainer.global_step > 0
+
+
+def test_inner_anomalies_add_bg_spp_to_the_inner_level(cross_class, tmp_path) -> None:
+    """``inner_anomalies > 0``: the inner level also fits anomalies (ResAD's BG-SPP); ``0`` leaves it normal-only."""
+    with pytest.raises(ValueError, match="inner_anomalies must be >= 0, got -1"):
+        CGAD(inner_anomalies=-1)
+    trained = {}
+    for count in (0, 2):
+        seed_everything(0)
+        model = small_model(CGAD, inner_anomalies=count, coupling_blocks=2, synthetic_per_class=4)
+        cpu_engine(tmp_path / str(count), 1).fit(model=model, datamodule=cross_class())
+        trained[count] = model
+    assert trained[0]._inner_boundaries is None
+    boundaries = [ema.value for ema in trained[2]._inner_boundaries]
+    assert len(boundaries) == 2 and all(b is not None and math.isfinite(b) for b in boundaries)
+    flow = {name: p for name, p in trained[0].model.flow.named_parameters()}
+    assert any(not torch.equal(flow[name], p) for name, p in trained[2].model.flow.named_parameters())
