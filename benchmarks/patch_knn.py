@@ -132,16 +132,9 @@ class PatchKNN(FewShotModuleMixin, AnomalibModule):
         if k_shot < 1:
             msg = f"k_shot must be >= 1, got {k_shot}."
             raise ValueError(msg)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.k_shot = k_shot
-        self.few_shot_source = few_shot_source
+        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
         self.model = PatchKNNModel(backbone, layers, backbone_weights, sigma)
-        self._init_references(false_alarm_rate)
+        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     def configure_optimizers(self) -> None:
         """Training-free: no optimiser."""
