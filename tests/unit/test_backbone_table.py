@@ -47,3 +47,25 @@ def test_merge_writes_one_row_per_backbone_and_size(tmp_path) -> None:
     assert "small" in (out / "summary.md").read_text()
     with pytest.raises(FileExistsError, match="Refusing to overwrite"):
         merge([a, b], out)
+
+
+def test_merge_with_several_models_adds_model_and_train_columns(tmp_path) -> None:
+    nan = float("nan")
+    run = _run(
+        tmp_path / "run",
+        {
+            "cgad_small": {"model": "CGAD", "image_size": 96, "args": {"backbone": "tf_efficientnet_lite0"}},
+            "knn_small": {"model": "PatchKNN", "image_size": 96, "args": {"backbone": "tf_efficientnet_lite0"}},
+        },
+        [("gen", "cgad_small", 4, 0, "dots", "ok", 0.90, nan), ("gen", "cgad_small", 4, 1, "dots", "ok", 0.80, nan),
+         ("gen", "knn_small", 4, 0, "dots", "ok", 0.60, nan), ("gen", "knn_small", 4, 1, "dots", "ok", 0.70, nan)],
+        [("gen", "cgad_small", 12.4, 100, 50.0, 900), ("gen", "knn_small", 0.0, 100, 100.0, 800)],
+    )  # fmt: skip
+    table = (merge([run], tmp_path / "merged") / "table.md").read_text().splitlines()
+    # generated data has no clear/subtle split: no clear column; CGAD was trained: a train column
+    assert table[0] == (
+        "| model | backbone | px | AUROC gen | AUROC mean | train s | test ms / image | peak RSS MB "
+        "| backbone GFLOP / image |"
+    )
+    assert table[2].startswith("| CGAD | tf_efficientnet_lite0 | 96 | 0.850 ± 0.071 | 0.850 | 12 | 20 | 900 |")
+    assert table[3].startswith("| PatchKNN | tf_efficientnet_lite0 | 96 | 0.650 ± 0.071 | 0.650 | 0 | 10 | 800 |")
