@@ -65,9 +65,12 @@ class BankModel(nn.Module):
         """Whether ``state_dict`` entry ``name`` belongs to the bank (a bank is not part of the trained weights)."""
         return name.startswith("bank.")
 
-    def set_reference(self, images: torch.Tensor) -> None:
-        """Make normalised ``images`` ``(k, 3, H, W)`` the references."""
-        self.set_bank_tensors(self.compute_bank(images), num_refs=images.shape[0])
+    @torch.no_grad()
+    def set_reference(self, images: torch.Tensor, features: Sequence[torch.Tensor] | None = None) -> None:
+        """Make normalised ``images`` ``(k, 3, H, W)`` the references (``features``: their :meth:`features`, when
+        the caller already has them)."""
+        features = self.features(images) if features is None else features
+        self.set_bank_tensors(self.bank_from_features(features, images.shape[-2:]), num_refs=images.shape[0])
 
     # ------------------------------------------------------------- derived image-level steps
     @torch.no_grad()

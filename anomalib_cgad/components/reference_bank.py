@@ -230,9 +230,7 @@ class ReferenceBank(DynamicBufferMixin, nn.Module):
 
     def __init__(self, num_levels: int, matching: str = "l2", residual: str = "diff", coreset: float = 1.0) -> None:
         super().__init__()
-        check_choice("matching", matching, MATCHING)
-        check_choice("residual", residual, RESIDUAL)
-        check_coreset_fraction(coreset)
+        BankOptions(matching, residual, coreset)  # the one check of these three settings
         self.num_levels = num_levels
         self.matching = matching
         self.residual = residual

@@ -139,8 +139,7 @@ class ReferenceMixin:
         with torch.no_grad():
             # Each reference crosses the frozen backbone once, for the bank and for the leave-one-out pass.
             features = encode(self.model, images, transform)
-            size = transform(images[:1]).shape[-2:]
-            self.model.set_bank_tensors(self.model.bank_from_features(features, size), num_refs=len(images))
+            self.model.set_reference(transform(images), features)
             was_training = self.model.training
             self.model.eval()
             try:
