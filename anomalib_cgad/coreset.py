@@ -22,7 +22,7 @@ __all__ = ["check_coreset_fraction", "coreset_indices"]
 def check_coreset_fraction(fraction: float) -> None:
     """Raise ``ValueError`` unless ``fraction`` (the share of reference patches a bank keeps) lies in ``(0, 1]``."""
     if not 0.0 < fraction <= 1.0:
-        msg = f"reference_coreset must lie in (0, 1], got {fraction}."
+        msg = f"The bank coreset (bank.coreset) must lie in (0, 1], got {fraction}."
         raise ValueError(msg)
 
 

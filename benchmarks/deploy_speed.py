@@ -20,7 +20,7 @@ is ``other``): the latency ratio cannot drop much below the arithmetic ratio whe
 FLOP rate.
 
 With ``--compare KEY=VALUE ...`` a second variant of the model (the same weights, those constructor arguments
-changed, e.g. ``reference_coreset=0.5``) is exported and timed in the same rounds, as rows named
+changed, e.g. ``bank.coreset=0.5``) is exported and timed in the same rounds, as rows named
 ``<model> (KEY=VALUE)``.
 
 The model is **untrained** (random flow and constraintor weights, ImageNet backbone, bank from k random
@@ -127,11 +127,13 @@ def _export_backbone(backbone: torch.nn.Module, size: int, xml: Path) -> None:
 def build_model(name: str, size: int, k: int, seed: int, options: dict | None = None):
     """An untrained ``name`` at ``size`` px (with constructor ``options``) holding a bank of ``k`` random images."""
     import anomalib_cgad
+    from anomalib_cgad.models.options import regroup_arguments
 
     model_cls = getattr(anomalib_cgad, name)
     torch.manual_seed(seed)
+    options = regroup_arguments(model_cls, options or {}, source="--set / --compare")
     model = model_cls(
-        pre_processor=model_cls.configure_pre_processor((size, size)), visualizer=False, k_shot=k, **(options or {})
+        pre_processor=model_cls.configure_pre_processor((size, size)), visualizer=False, k_shot=k, **options
     )
     model.eval()
     model.set_references(torch.rand(k, 3, size, size))
@@ -331,12 +333,12 @@ def _options_text(options: dict) -> str:
 
 
 def _model_option(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with a YAML value (``coupling_blocks=2`` → ``("coupling_blocks", 2)``)."""
+    """``KEY=VALUE`` with a YAML value (``flow.coupling_blocks=2`` → ``("flow.coupling_blocks", 2)``)."""
     import yaml
 
     key, separator, value = text.partition("=")
-    if not separator or not key.isidentifier():
-        msg = f"expected KEY=VALUE (e.g. coupling_blocks=2), got '{text}'"
+    if not separator or not all(part.isidentifier() for part in key.split(".")):
+        msg = f"expected KEY=VALUE (e.g. flow.coupling_blocks=2), got '{text}'"
         raise argparse.ArgumentTypeError(msg)
     return key, yaml.safe_load(value)
 
@@ -359,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="model constructor arguments, e.g. --set coupling_blocks=2 condition_dim=32",
+        help="model constructor arguments, e.g. --set flow.coupling_blocks=2 flow.condition_dim=32",
     )
     parser.add_argument(
         "--compare",
@@ -367,7 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="also time the model with these arguments changed, in the same rounds (e.g. reference_coreset=0.5)",
+        help="also time the model with these arguments changed, in the same rounds (e.g. bank.coreset=0.5)",
     )
     parser.add_argument("--out", default="results/deploy_speed")
     args = parser.parse_args(argv)

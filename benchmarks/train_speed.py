@@ -22,7 +22,7 @@ Results go to a new ``<out>/train_speed/v<N>/`` (``speed.csv``, ``speed.md``).
 
 Example:
     $ OMP_NUM_THREADS=1 python -m benchmarks.train_speed --model CGAD --classes 2 5 15 \\
-          --setting bounded= --setting unbounded='{"epoch_classes": null}' --out benchmarks/results
+          --setting bounded= --setting unbounded='{"episodes": {"epoch_classes": null}}' --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -117,10 +117,12 @@ def fit_once(model_name: str, options: dict, classes: list[str], data: Path, wor
     from lightning.pytorch import seed_everything
 
     from anomalib_cgad.data import CrossClass
+    from anomalib_cgad.models.options import regroup_arguments
 
     seed_everything(0, workers=True)
     cls = type(get_model(model_name))
     size = (args.image_size, args.image_size)
+    options = regroup_arguments(cls, options, source="the timed model's arguments")
     model = cls(pre_processor=cls.configure_pre_processor(size), visualizer=False, **options)
     datamodule = CrossClass(
         source_dataset="MVTecAD", source_root=str(data), source_categories=classes, target_categories=[TARGET],
@@ -162,7 +164,8 @@ def _setting(text: str) -> tuple[str, dict]:
         msg = f"--setting {text!r}: the options after the first '=' must be a JSON object ({error}); NAME has no '='."
         raise SystemExit(msg) from error
     if not name or not isinstance(parsed, dict):
-        msg = f"--setting {text!r}: expected NAME=JSON-object, e.g. unbounded='{{\"epoch_classes\": null}}'."
+        example = """unbounded='{"episodes": {"epoch_classes": null}}'"""
+        msg = f"--setting {text!r}: expected NAME=JSON-object, e.g. {example}."
         raise SystemExit(msg)
     return name, parsed
 
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--classes", nargs="+", type=int, default=[2, 5, 15], help="numbers of source classes")
     parser.add_argument(
         "--setting", action="append", type=_setting, metavar="NAME=JSON",
-        help="a model setting, e.g. unbounded='{\"epoch_classes\": null}' (repeatable; default: the defaults)",
+        help="a model setting, e.g. unbounded='{\"episodes\": {\"epoch_classes\": null}}' (repeatable)",
     )  # fmt: skip
     parser.add_argument("--images-per-class", type=int, default=16, help="normal training images per class")
     parser.add_argument("--val-images", type=int, default=2, help="normal and defective test images per class")

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import NamedTuple
 
@@ -197,11 +197,20 @@ class FlowOptions:
 
     Args:
         coupling_blocks (int): ``AllInOneBlock`` layers per level (paper: 8, official code: 10). Defaults to ``8``.
-        condition_dim (int): length of the positional code (multiple of 4). Defaults to ``128`` (ResAD's).
+        condition_dim (int | None): length of the positional code (multiple of 4). Defaults to ``None``: the
+            model's own (ResAD 128, CGAD 16), so ``FlowOptions(coupling_blocks=4)`` changes the blocks only.
+
+    Example:
+        >>> FlowOptions(coupling_blocks=4).resolved(16)
+        FlowOptions(coupling_blocks=4, condition_dim=16)
     """
 
     coupling_blocks: int = 8
-    condition_dim: int = 128
+    condition_dim: int | None = None
+
+    def resolved(self, condition_dim: int) -> FlowOptions:
+        """These options with the model's default ``condition_dim`` where none is given."""
+        return self if self.condition_dim is not None else replace(self, condition_dim=condition_dim)
 
 
 class ConditionalFlow(nn.Module):

@@ -178,14 +178,8 @@ class CrossClass(AnomalibDataModule):
         seed: int | None = None,
         bad_images: str | None = None,
     ) -> None:
-        super().__init__(
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_split_mode=ValSplitMode.FROM_DIR,
-            test_split_mode=TestSplitMode.FROM_DIR,
-            seed=seed,
-        )
+        splits = {"val_split_mode": ValSplitMode.FROM_DIR, "test_split_mode": TestSplitMode.FROM_DIR}
+        super().__init__(train_batch_size, eval_batch_size, num_workers, **splits, seed=seed)
         self.source_dataset = source_dataset
         self.target_dataset = target_dataset or source_dataset
         dataset_class(self.source_dataset)

@@ -147,14 +147,8 @@ class ELPV(AnomalibDataModule):
         num_workers: int = 0,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            train_batch_size=train_batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            test_split_mode=TestSplitMode.FROM_DIR,
-            val_split_mode=ValSplitMode.SAME_AS_TEST,
-            seed=seed,
-        )
+        splits = {"test_split_mode": TestSplitMode.FROM_DIR, "val_split_mode": ValSplitMode.SAME_AS_TEST}
+        super().__init__(train_batch_size, eval_batch_size, num_workers, **splits, seed=seed)
         self.root = root
         self.category = category
         self.subtle = subtle

@@ -12,6 +12,7 @@ against a multi-class checkpoint's bank (one training class's references).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -20,6 +21,7 @@ import torch
 
 from anomalib_cgad.components.operating_point import OperatingPoint
 from anomalib_cgad.components.training_pool import TrainingPool
+from anomalib_cgad.models.options import flat_argument_names, option_groups, plain_hyperparameters, regroup_arguments
 from anomalib_cgad.models.references import USE_CHECKPOINT_BANK, ReferenceError
 from anomalib_cgad.safe_load import load_weights_only
 
@@ -73,8 +75,14 @@ class CheckpointMixin:
         self._checkpoint_bank: dict[str, torch.Tensor] = {}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add anomalib's component configs, then a tag: plugin version, checkpoint format, model class, bank."""
+        """Add anomalib's component configs, then a tag: plugin version, checkpoint format, model class, bank.
+
+        The options objects among the hyper-parameters are saved as plain mappings, so the checkpoint loads with
+        ``weights_only=True`` (:meth:`load_from_checkpoint` builds them again).
+        """
         super().on_save_checkpoint(checkpoint)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain_hyperparameters(checkpoint["hyper_parameters"])
         metadata = self.model.bank_metadata() if hasattr(self.model, "bank_metadata") else {}
         checkpoint[CHECKPOINT_KEY] = {
             "version": _plugin_version(),
@@ -149,6 +157,7 @@ class CheckpointMixin:
             msg = f"'{path}' is not a Lightning checkpoint (no 'state_dict')."
             raise CheckpointMismatchError(msg)
         tagged = cls._check_checkpoint_tag(checkpoint) is not None
+        kwargs = {**cls._grouped_hyperparameters(checkpoint.get("hyper_parameters") or {}), **kwargs}
         try:
             return super().load_from_checkpoint(path, *args, **kwargs)
         except CheckpointMismatchError:
@@ -161,6 +170,17 @@ class CheckpointMixin:
                 f"and building {cls.__name__} from it failed: {type(exc).__name__}: {exc}"
             )
             raise CheckpointMismatchError(msg) from exc
+
+    @classmethod
+    def _grouped_hyperparameters(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The options objects of a checkpoint's hyper-parameters (saved as mappings, or under 0.1's flat names)."""
+        groups = option_groups(cls)
+        if not groups:
+            return {}
+        known = {*inspect.signature(cls.__init__).parameters, *flat_argument_names(cls)}
+        usable = {key: value for key, value in hparams.items() if key in known}
+        grouped = regroup_arguments(cls, usable, source="the checkpoint's hyper-parameters")
+        return {key: value for key, value in grouped.items() if key in groups}
 
     def _add_missing_operating_point(self, state: dict[str, torch.Tensor]) -> None:
         """A checkpoint from before the normal-only operating point loads with a warning that says how to add one.

@@ -5,7 +5,7 @@
 1. one training step is one episode drawn by :class:`~anomalib_cgad.components.episodes.EpisodeSampler`
    (classes the outer level separates worst are drawn more often, through ``hardness``);
 2. the inner level runs once per inner class of the episode with the first optimiser;
-3. the outer level (unless ``outer=False``) scores each OOD class's normals (ID) and anomalies (OOD) as
+3. the outer level (unless ``episodes.outer=False``) scores each OOD class's normals (ID) and anomalies (OOD) as
    normality logits ``z``; :meth:`~EpisodicMixin._margin_term` turns them into the softmax confidence margin
    loss, and :meth:`~EpisodicMixin._outer_update` reconciles the per-class losses with the clean term by
    PCGrad and steps the remaining optimisers.
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EpisodeOptions:
-    """What an episode is made of, the options MetaAD and CGAD share (their constructor arguments of these names).
+    """What an episode is made of: the options group MetaAD and CGAD share (their ``episodes`` argument).
 
     Checked when made, so a bad option fails before the backbone is built.
 
@@ -57,6 +57,8 @@ class EpisodeOptions:
         anomalies_per_class (int): anomalous images per outer class and episode. Defaults to ``2``.
         epoch_classes (int | None): bound of the episodes per epoch (:meth:`EpisodicMixin._episode_budget`).
             Defaults to ``4``.
+        learn_temperature (bool): the outer level learns the temperature ``T`` (else fixed at 1). Defaults to
+            ``True``.
     """
 
     k_choices: Sequence[int] = (1, 2, 4, 8)
@@ -67,6 +69,7 @@ class EpisodeOptions:
     inner_queries: int = 8
     anomalies_per_class: int = 2
     epoch_classes: int | None = 4
+    learn_temperature: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k_choices", tuple(self.k_choices))
@@ -77,6 +80,9 @@ class EpisodeOptions:
             check_count("k_choices", k)
         check_choice("direction", self.direction, DIRECTIONS)
         check_choice("margin", self.margin, MARGINS)
+        if self.anomalies_per_class < 0:
+            msg = f"anomalies_per_class must be >= 0, got {self.anomalies_per_class}."
+            raise ValueError(msg)
         if self.epoch_classes is not None:
             check_count("epoch_classes", self.epoch_classes)
 
@@ -255,7 +261,7 @@ class EpisodicMixin(ABC):
         return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
 
     def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
-        """One episode: the inner level on each inner class, then (unless ``outer=False``) the outer level.
+        """One episode: the inner level on each inner class, then (unless ``episodes.outer=False``) the outer level.
 
         Nothing (``None``, Lightning's "skip this step") once the epoch has run its :meth:`_episode_budget`:
         the step ignores its batch anyway (episodes are drawn from the training pool), and ending the epoch

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from anomalib.engine import Engine
 
+from anomalib_cgad.models.options import regroup_arguments
+
 
 def cpu_engine(tmp_path, epochs: int) -> Engine:
     """anomalib's Engine on one CPU, no logger and no progress bar, writing under ``tmp_path``."""
@@ -14,7 +16,12 @@ def cpu_engine(tmp_path, epochs: int) -> Engine:
 
 
 def small_model(model_cls, **kwargs):
-    """The model at the generated images' own size (96 px) so tests stay fast on CPU."""
+    """The model at the generated images' own size (96 px) so tests stay fast on CPU.
+
+    ``kwargs`` may give options groups as partial mappings (``flow={"coupling_blocks": 2}``), laid over the model's
+    defaults (:func:`~anomalib_cgad.models.options.regroup_arguments`).
+    """
+    kwargs = regroup_arguments(model_cls, kwargs)
     return model_cls(pre_processor=model_cls.configure_pre_processor((96, 96)), visualizer=False, **kwargs)
 
 

@@ -31,6 +31,7 @@ from anomalib.engine import Engine
 from anomalib.models import get_model
 from anomalib_dummy import make_dummy_mvtecad
 
+from anomalib_cgad.components.flow import FlowOptions
 from anomalib_cgad.deploy import F32_CONFIG, BankError, BankInferencer
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
@@ -38,7 +39,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 MODELS = ["cgad", "resad", "metaad"]
 # As anomalib's suite passes model-specific arguments (dfkde: n_pca_components=2), ours shrink the flows from
 # 8 to 2 coupling blocks: the steps and export paths are the same, the exports take half the time.
-EXTRA_ARGS = {"cgad": {"coupling_blocks": 2}, "resad": {"coupling_blocks": 2}}
+EXTRA_ARGS = {
+    "cgad": {"flow": FlowOptions(coupling_blocks=2)},
+    "resad": {"flow": FlowOptions(coupling_blocks=2)},
+}
 TOLERANCE = 1e-3
 
 

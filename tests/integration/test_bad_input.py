@@ -31,11 +31,13 @@ from anomalib_cgad import CGAD, MetaAD, ResAD
 from anomalib_cgad.components.reference_bank import BankMismatchError
 from anomalib_cgad.data import CrossClass
 from anomalib_cgad.models.base import CheckpointMismatchError, NonFiniteError, ReferenceError, load_images
+from anomalib_cgad.models.options import regroup_arguments
 
 SIZE = (64, 64)
 
 
 def _model(model_cls=CGAD, size=SIZE, **kwargs):
+    kwargs = regroup_arguments(model_cls, kwargs)
     return model_cls(pre_processor=model_cls.configure_pre_processor(size), visualizer=False, **kwargs)
 
 
@@ -209,9 +211,7 @@ def _saved_bank(synthetic_root, tmp_path, size=SIZE) -> Path:
 def test_bank_of_another_backbone(synthetic_root, tmp_path) -> None:
     path = _saved_bank(synthetic_root, tmp_path)
     other = _model(ResAD, backbone="resnet18", layers=(1, 2), backbone_weights=None)
-    with pytest.raises(
-        BankMismatchError, match=r"backbone: bank has 'tf_efficientnet_lite0', model has 'resnet18'"
-    ):
+    with pytest.raises(BankMismatchError, match=r"backbone: bank has 'tf_efficientnet_lite0', model has 'resnet18'"):
         other.load_bank(path)
 
 
@@ -248,7 +248,7 @@ def test_openvino_export_never_overwrites_an_existing_export(synthetic_root, tmp
 
 # ----------------------------------------------------------------- checkpoints
 def test_checkpoint_of_another_model(tmp_path) -> None:
-    resad = _checkpoint(_model(ResAD, coupling_blocks=2), tmp_path / "resad.ckpt")
+    resad = _checkpoint(_model(ResAD, flow={"coupling_blocks": 2}), tmp_path / "resad.ckpt")
     with pytest.raises(CheckpointMismatchError, match=r"holds a ResAD model, not CGAD: load it with ResAD\."):
         CGAD.load_from_checkpoint(resad)
     with pytest.raises(CheckpointMismatchError, match=r"holds a ResAD model, not CGAD"):
@@ -281,7 +281,7 @@ def test_checkpoint_file_that_is_not_a_checkpoint(tmp_path) -> None:
 
 
 def test_checkpoint_of_another_version(tmp_path) -> None:
-    path = _checkpoint(_model(CGAD, coupling_blocks=2), tmp_path / "cgad.ckpt")
+    path = _checkpoint(_model(CGAD, flow={"coupling_blocks": 2}), tmp_path / "cgad.ckpt")
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["anomalib_cgad"]["version"] = "0.0.1"
     torch.save(checkpoint, tmp_path / "old_version.ckpt")
@@ -293,9 +293,11 @@ def test_checkpoint_of_another_version(tmp_path) -> None:
 
 
 def test_checkpoint_of_another_configuration(tmp_path) -> None:
-    checkpoint = torch.load(_checkpoint(_model(CGAD, coupling_blocks=2), tmp_path / "cgad.ckpt"), weights_only=True)
+    checkpoint = torch.load(
+        _checkpoint(_model(CGAD, flow={"coupling_blocks": 2}), tmp_path / "cgad.ckpt"), weights_only=True
+    )
     with pytest.raises(CheckpointMismatchError, match=r"a CGAD checkpoint of another configuration .* missing weights"):
-        _model(CGAD, coupling_blocks=4).on_load_checkpoint(checkpoint)
+        _model(CGAD, flow={"coupling_blocks": 4}).on_load_checkpoint(checkpoint)
 
 
 # ----------------------------------------------------------------- NaN / inf

@@ -24,7 +24,7 @@ def _config(root) -> dict:
         "image_size": 64,
         "train_batch_size": 8,
         "eval_batch_size": 16,
-        "model_args": {"CGAD": {"coupling_blocks": 2, "synthetic_per_class": 4}},
+        "model_args": {"CGAD": {"flow": {"coupling_blocks": 2}, "training": {"synthetic_per_class": 4}}},
         "directions": [
             {
                 "name": "textures_to_waves",
@@ -231,14 +231,16 @@ def test_patch_knn_scores_a_pasted_defect_higher() -> None:
 def test_deploy_speed_builds_the_model_with_the_given_constructor_arguments() -> None:
     from benchmarks.deploy_speed import build_model, parse_args
 
-    args = parse_args(["--image-size", "64", "--set", "coupling_blocks=2", "condition_dim=32"])
-    assert args.set == {"coupling_blocks": 2, "condition_dim": 32}
+    args = parse_args(["--image-size", "64", "--set", "flow.coupling_blocks=2", "flow.condition_dim=32"])
+    assert args.set == {"flow.coupling_blocks": 2, "flow.condition_dim": 32}
     model = build_model("CGAD", 64, 2, 0, args.set)
     assert len(model.model.flow.flows[0].module_list) == 2
     assert model.model.flow.condition_dim == 32
     assert model.model.bank.is_set
     with pytest.raises(SystemExit):
         parse_args(["--set", "coupling_blocks"])  # argparse reports the KEY=VALUE format and exits
+    with pytest.raises(ValueError, match="CGAD has no options group 'flows'"):
+        build_model("CGAD", 64, 2, 0, {"flows.coupling_blocks": 2})
 
 
 def test_deploy_speed_times_every_component_in_each_round_and_parses_a_comparison() -> None:
@@ -248,10 +250,10 @@ def test_deploy_speed_times_every_component_in_each_round_and_parses_a_compariso
     medians = timed_rounds([lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002))], 1, 3)
     assert calls == ["a", "b"] * 4  # one warm-up round, three timed rounds, interleaved
     assert medians[1] >= 0.002 > medians[0]
-    args = parse_args(["--set", "coupling_blocks=2", "--compare", "reference_coreset=0.5"])
+    args = parse_args(["--set", "flow.coupling_blocks=2", "--compare", "bank.coreset=0.5"])
     assert _variants(args) == [
-        ("CGAD", {"coupling_blocks": 2}),
-        ("CGAD (reference_coreset=0.5)", {"coupling_blocks": 2, "reference_coreset": 0.5}),
+        ("CGAD", {"flow.coupling_blocks": 2}),
+        ("CGAD (bank.coreset=0.5)", {"flow.coupling_blocks": 2, "bank.coreset": 0.5}),
     ]
     assert _variants(parse_args([])) == [("CGAD", {})]
 
@@ -272,9 +274,7 @@ def test_deploy_speed_counts_the_arithmetic_of_each_part() -> None:
         2 * (64 // s) ** 2 * 2 * (64 // s) ** 2 * c for s, c in zip((8, 16), model.model.backbone.channels, strict=True)
     )
     assert parts["other"] == search
-    coreset = model_parts(
-        flops_per_image(build_model("CGAD", 64, 2, 0, {"reference_coreset": 0.5}), image)[1], "CGAD.model"
-    )
+    coreset = model_parts(flops_per_image(build_model("CGAD", 64, 2, 0, {"bank.coreset": 0.5}), image)[1], "CGAD.model")
     assert coreset["other"] == pytest.approx(search / 2, rel=0.05)
     assert coreset["flow"] == parts["flow"]
 

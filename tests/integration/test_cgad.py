@@ -10,32 +10,49 @@ from engine_helpers import cpu_engine, small_model
 from lightning.pytorch import seed_everything
 
 from anomalib_cgad import CGAD
+from anomalib_cgad.models.cgad.lightning_model import CGADTraining
 
 
-def test_checkpoint_reload_gives_identical_scores(cross_class, tmp_path) -> None:
+def test_checkpoint_reload_gives_identical_scores_and_options(cross_class, tmp_path, caplog) -> None:
+    """A checkpoint rebuilds the model's options groups by itself (saved as plain mappings, read weights-only),
+    and one whose hyper-parameters use 0.1's flat names rebuilds the same model, with a warning."""
     datamodule = cross_class()
-    model = small_model(CGAD)
+    model = small_model(CGAD, flow={"coupling_blocks": 2}, episodes={"inner_queries": 6}, training={"lr": 3e-4})
     engine = cpu_engine(tmp_path, 2)
     engine.fit(model=model, datamodule=datamodule)
     ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
     assert ckpt
     payload = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert any(key.endswith("bank.bank_0") for key in payload["state_dict"])
+    assert payload["hyper_parameters"]["flow"] == {"coupling_blocks": 2, "condition_dim": None}
     reloaded = CGAD.load_from_checkpoint(ckpt, visualizer=False).eval()
+    assert (reloaded.hparams["flow"], reloaded.inner_queries, reloaded.lr) == (model.hparams["flow"], 6, 3e-4)
+
+    flat = {key: value for key, value in payload["hyper_parameters"].items() if key not in ("flow", "episodes")}
+    payload["hyper_parameters"] = {**flat, "coupling_blocks": 2, "condition_dim": 16, "inner_queries": 6}
+    legacy = tmp_path / "flat_names.ckpt"
+    torch.save(payload, legacy)
+    with caplog.at_level("WARNING", logger="anomalib_cgad.models.options"):
+        from_flat = CGAD.load_from_checkpoint(legacy, visualizer=False).eval()
+    assert any("flat names of anomalib-cgad 0.1 (coupling_blocks → flow.coupling_blocks" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert (from_flat.model.flow.condition_dim, from_flat.inner_queries) == (16, 6)
+
     model.eval()
     images = torch.stack([datamodule.test_data[i].image for i in range(6)])
     refs = datamodule.reference_images("test", 0)
     scores = []
-    for candidate in (model, reloaded):
+    for candidate in (model, reloaded, from_flat):
         candidate.set_references(refs)
         with torch.no_grad():
             scores.append(candidate.model(candidate.pre_processor.transform(images)).pred_score)
     assert torch.allclose(scores[0], scores[1], atol=1e-5)
+    assert torch.allclose(scores[0], scores[2], atol=1e-5)
 
 
 def test_outer_level_without_any_anomaly_is_skipped_with_one_warning(cross_class, tmp_path, caplog) -> None:
     """No labelled (``few_anomalies=0``) nor synthetic anomalies: CGAD trains its inner level only, and says so."""
-    model = small_model(CGAD, synthetic_per_class=0)
+    model = small_model(CGAD, training={"synthetic_per_class": 0})
     with caplog.at_level("WARNING", logger="anomalib_cgad.models.episodic"):
         cpu_engine(tmp_path, 1).fit(model=model, datamodule=cross_class())
     skipped = [r for r in caplog.records if r.getMessage().startswith("Outer level skipped: no anomalous patches")]
@@ -49,11 +66,13 @@ def test_outer_level_without_any_anomaly_is_skipped_with_one_warning(cross_class
 def test_inner_anomalies_add_bg_spp_to_the_inner_level(cross_class, tmp_path) -> None:
     """``inner_anomalies > 0``: the inner level also fits anomalies (ResAD's BG-SPP); ``0`` leaves it normal-only."""
     with pytest.raises(ValueError, match="inner_anomalies must be >= 0, got -1"):
-        CGAD(inner_anomalies=-1)
+        CGADTraining(inner_anomalies=-1)
     trained = {}
     for count in (0, 2):
         seed_everything(0)
-        model = small_model(CGAD, inner_anomalies=count, coupling_blocks=2, synthetic_per_class=4)
+        model = small_model(
+            CGAD, training={"inner_anomalies": count, "synthetic_per_class": 4}, flow={"coupling_blocks": 2}
+        )
         cpu_engine(tmp_path / str(count), 1).fit(model=model, datamodule=cross_class())
         trained[count] = model
     assert trained[0]._inner_boundaries is None

@@ -19,11 +19,14 @@ import torch
 from anomalib.engine import Engine
 
 from anomalib_cgad import CGAD
+from anomalib_cgad.components.flow import FlowOptions
 from anomalib_cgad.data import CrossClass
 from anomalib_cgad.models.base import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from anomalib_cgad.models.cgad.lightning_model import CGADTraining
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL_ARGS = ["--model.coupling_blocks", "2", "--model.synthetic_per_class", "2", "--model.seed", "0"]
+SMALL_FLOW = FlowOptions(coupling_blocks=2)
+MODEL_ARGS = ["--model.flow.coupling_blocks", "2", "--model.training.synthetic_per_class", "2", "--model.seed", "0"]
 ROW = re.compile(r"│\s*(\S+)\s*│\s*([-+0-9.eE]+|nan)\s*│")
 
 
@@ -77,7 +80,7 @@ def test_checkpoint_holds_tag_bank_and_config(cli_checkpoint) -> None:
     assert tag["bank"]["backbone"] == "tf_efficientnet_lite0"
     assert tag["bank"]["image_size"] == [256, 256]
     assert tag["bank"]["k"] == 2
-    assert checkpoint["hyper_parameters"]["coupling_blocks"] == 2
+    assert checkpoint["hyper_parameters"]["flow"]["coupling_blocks"] == 2
     assert checkpoint["state_dict"]["model.bank.bank_0"].shape[0] > 0  # the references' patches
     assert "model.scale" in checkpoint["state_dict"]
 
@@ -99,7 +102,7 @@ def test_cli_test_from_checkpoint_matches_the_python_api(cli_checkpoint, synthet
         k_shot=2, train_batch_size=8, eval_batch_size=8,
     )  # fmt: skip
     engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    model = CGAD(coupling_blocks=2, synthetic_per_class=2, seed=0, visualizer=False)
+    model = CGAD(flow=SMALL_FLOW, training=CGADTraining(synthetic_per_class=2), seed=0, visualizer=False)
     python = engine.test(model=model, datamodule=datamodule, ckpt_path=str(cli_checkpoint))[0]
     assert {key: python[key] for key in cli} == cli
     print(f"anomalib test --ckpt_path metrics == Engine.test metrics: {cli}")
@@ -108,7 +111,7 @@ def test_cli_test_from_checkpoint_matches_the_python_api(cli_checkpoint, synthet
     reloaded = CGAD.load_from_checkpoint(cli_checkpoint, visualizer=False)
     scores = [
         torch.cat([batch.pred_score for batch in engine.predict(model=candidate, datamodule=datamodule, **kwargs)])
-        for candidate, kwargs in ((CGAD(coupling_blocks=2, visualizer=False), {"ckpt_path": str(cli_checkpoint)}),
+        for candidate, kwargs in ((CGAD(flow=SMALL_FLOW, visualizer=False), {"ckpt_path": str(cli_checkpoint)}),
                                   (reloaded, {}))
     ]  # fmt: skip
     assert torch.isfinite(scores[0]).all()

@@ -42,7 +42,7 @@ def _anomalib() -> str:
 
 def _fit(root: Path, work: Path, devices: int, seed: int = 0) -> Path:
     args = [
-        "fit", "--model", "CGAD", "--model.coupling_blocks", "2", "--model.synthetic_per_class", "2",
+        "fit", "--model", "CGAD", "--model.flow.coupling_blocks", "2", "--model.training.synthetic_per_class", "2",
         "--model.seed", "0", "--model.visualizer", "false",
         "--data", "anomalib_cgad.data.CrossClass", "--data.source_root", str(root),
         "--data.source_categories", "[stripes, dots]", "--data.target_categories", "[waves]",

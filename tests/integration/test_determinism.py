@@ -9,6 +9,8 @@ from lightning.pytorch import seed_everything
 
 from anomalib_cgad import CGAD
 from anomalib_cgad.components.episodes import EpisodeSampler
+from anomalib_cgad.components.flow import FlowOptions
+from anomalib_cgad.models.cgad.lightning_model import CGADTraining
 
 
 def test_same_seed_same_references(cross_class) -> None:
@@ -48,8 +50,8 @@ def _train_and_score(cross_class, tmp_path) -> tuple[torch.Tensor, dict[str, tor
     seed_everything(0, workers=True)
     datamodule = cross_class(source_categories=["stripes", "dots"], train_batch_size=12)
     model = CGAD(
-        pre_processor=CGAD.configure_pre_processor((64, 64)), visualizer=False, coupling_blocks=2,
-        synthetic_per_class=2, seed=0,
+        pre_processor=CGAD.configure_pre_processor((64, 64)), visualizer=False,
+        flow=FlowOptions(coupling_blocks=2), training=CGADTraining(synthetic_per_class=2), seed=0,
     )  # fmt: skip
     engine = Engine(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path

@@ -10,9 +10,10 @@ from anomalib.engine import Engine
 
 from anomalib_cgad import ResAD
 from anomalib_cgad.components.backbone import FeatureExtractor
-from anomalib_cgad.components.flow import ConditionalFlow
+from anomalib_cgad.components.flow import ConditionalFlow, FlowOptions
 from anomalib_cgad.components.reference_bank import flatten_patches, residual_features
 from anomalib_cgad.models.base import load_images
+from anomalib_cgad.models.resad.lightning_model import ResADTraining
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None])
 
@@ -138,7 +139,9 @@ def test_flow_on_residuals_scores_pasted_defects_of_an_unseen_class_lower(synthe
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_training_step_trains_every_level_on_every_row(preset: str, cross_class, tmp_path, monkeypatch) -> None:
     """Chunked flow updates cover all rows of every level, remainders included (the released code drops them)."""
-    model = ResAD(preset=preset, visualizer=False, fiber_batch=1000, coupling_blocks=2, layers=(2, 3))
+    model = ResAD(
+        preset=preset, visualizer=False, training=ResADTraining(fiber_batch=1000), flow=FlowOptions(2), layers=(2, 3)
+    )
     model.pre_processor = ResAD.configure_pre_processor((96, 96))
     seen: dict[int, list[int]] = {0: [], 1: []}
     original = model.model.flow.rows

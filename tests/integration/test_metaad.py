@@ -11,7 +11,7 @@ from anomalib_cgad.models.metaad.torch_model import MetaADModel
 
 
 def test_outer_level_off_really_skips_it(cross_class, tmp_path) -> None:
-    model = small_model(MetaAD, outer=False)
+    model = small_model(MetaAD, episodes={"outer": False})
     cpu_engine(tmp_path, 1).fit(model=model, datamodule=cross_class())
     assert model.outer_steps == 0
     on = small_model(MetaAD)
@@ -48,7 +48,7 @@ def test_outer_level_widens_the_margin_between_normal_and_anomalous(head, cross_
     margins = {}
     for outer in (False, True):
         torch.manual_seed(0)
-        model = small_model(MetaAD, outer=outer, head=head)
+        model = small_model(MetaAD, episodes={"outer": outer}, scoring={"head": head})
         cpu_engine(tmp_path / str(outer), 3).fit(model=model, datamodule=cross_class())
         margins[outer] = _anomaly_margin(model, cross_class())
     assert margins[True] > margins[False], margins

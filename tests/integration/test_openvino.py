@@ -22,6 +22,7 @@ from anomalib.engine import Engine
 
 from anomalib_cgad import CGAD, MetaAD, ResAD
 from anomalib_cgad.cli import main as cli_main
+from anomalib_cgad.components.flow import FlowOptions
 from anomalib_cgad.data import CrossClass
 from anomalib_cgad.deploy import (
     F32_CONFIG,
@@ -35,6 +36,7 @@ from anomalib_cgad.deploy import (
 )
 from anomalib_cgad.deploy.inferencer import list_images, resize_bilinear
 from anomalib_cgad.models.base import load_images
+from anomalib_cgad.models.options import regroup_arguments
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -52,6 +54,7 @@ def _exportable(model_cls):
 
 def _train_and_export(model_cls, synthetic_root: Path, root: Path, **kwargs):
     """Fit 1 epoch on the three source classes, set the bank of 'waves', export with anomalib's Engine."""
+    kwargs = regroup_arguments(model_cls, kwargs)
     datamodule = CrossClass(
         source_dataset="MVTecAD",
         source_root=str(synthetic_root),
@@ -80,7 +83,7 @@ def exported(synthetic_root, tmp_path_factory):
     """(trained CGAD, checkpoint path, anomalib's model.xml, swappable-bank export folder)."""
     root = tmp_path_factory.mktemp("openvino")
     torch.manual_seed(0)
-    model, engine, xml = _train_and_export(CGAD, synthetic_root, root, coupling_blocks=2)
+    model, engine, xml = _train_and_export(CGAD, synthetic_root, root, flow={"coupling_blocks": 2})
     callback = engine.trainer.checkpoint_callback
     checkpoint = callback.best_model_path or callback.last_model_path
     return model, checkpoint, Path(xml), Path(xml).parent
@@ -168,13 +171,13 @@ def test_one_export_takes_banks_of_any_k(exported, synthetic_root) -> None:
 
 
 def test_openvino_encoder_bank_gets_the_same_coreset_as_torch(exported, synthetic_root) -> None:
-    """With ``reference_coreset < 1`` the torch-free inferencer keeps the rows torch keeps, and scores alike."""
+    """With ``bank.coreset < 1`` the torch-free inferencer keeps the rows torch keeps, and scores alike."""
     model, _, _, folder = exported
     inferencer = BankInferencer(folder)
     assert inferencer.metadata["reference_coreset"] == 1.0
     paths = _paths(synthetic_root, "waves", "train", 2)
     full = inferencer.compute_bank(paths)
-    inferencer.metadata["reference_coreset"] = 0.5  # as exported from a model built with reference_coreset=0.5
+    inferencer.metadata["reference_coreset"] = 0.5  # as exported from a model built with bank.coreset=0.5
     model.model.bank.coreset = 0.5
     try:
         bank = inferencer.compute_bank(paths)
@@ -354,7 +357,7 @@ def test_one_bank_file_for_torch_and_openvino(exported, synthetic_root, tmp_path
 @pytest.mark.parametrize("model_cls", [ResAD, MetaAD])
 def test_parity_resad_and_metaad(model_cls, synthetic_root, tmp_path) -> None:
     torch.manual_seed(0)
-    kwargs = {"coupling_blocks": 2} if model_cls is ResAD else {}
+    kwargs = {"flow": {"coupling_blocks": 2}} if model_cls is ResAD else {}
     model, _, xml = _train_and_export(model_cls, synthetic_root, tmp_path, **kwargs)
     diffs = _parity(model, Path(xml).parent, synthetic_root)
     assert diffs["pred_score"] <= TOLERANCE
@@ -369,7 +372,10 @@ def test_anomalib_export_cli_from_a_checkpoint(synthetic_root, tmp_path) -> None
         target_categories=["waves"], k_shot=2, train_batch_size=8, eval_batch_size=8,
     )  # fmt: skip
     model = CGAD(
-        pre_processor=CGAD.configure_pre_processor((SIZE, SIZE)), visualizer=False, k_shot=2, coupling_blocks=2
+        pre_processor=CGAD.configure_pre_processor((SIZE, SIZE)),
+        visualizer=False,
+        k_shot=2,
+        flow=FlowOptions(coupling_blocks=2),
     )
     engine = Engine(max_epochs=1, default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, logger=False,
                     enable_progress_bar=False)  # fmt: skip

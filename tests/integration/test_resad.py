@@ -13,6 +13,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_cgad import ResAD
 from anomalib_cgad.components.distribution_matching import ResidualCodebook, efdm
+from anomalib_cgad.components.flow import FlowOptions
 from anomalib_cgad.components.reference_bank import BankMismatchError, flatten_patches
 from anomalib_cgad.components.residual_loss import (
     BoundaryEMA,
@@ -24,6 +25,7 @@ from anomalib_cgad.components.residual_loss import (
 )
 from anomalib_cgad.components.training_pool import ClassPool, TrainingPool
 from anomalib_cgad.data import CrossClass, make_synthetic_mvtec
+from anomalib_cgad.models.options import regroup_arguments
 
 SIZE = (96, 96)
 
@@ -37,8 +39,8 @@ def _engine(tmp_path, epochs: int = 1, **kwargs) -> Engine:
 
 def _resad(**kwargs) -> ResAD:
     """A small ResAD for CPU tests: 96 px input, two coupling blocks."""
-    kwargs = {"visualizer": False, "coupling_blocks": 2, "condition_dim": 32, **kwargs}
-    model = ResAD(**kwargs)
+    kwargs = {"visualizer": False, "flow": {"coupling_blocks": 2, "condition_dim": 32}, **kwargs}
+    model = ResAD(**regroup_arguments(ResAD, kwargs))
     model.pre_processor = ResAD.configure_pre_processor(SIZE)
     return model
 
@@ -82,7 +84,7 @@ def test_a_class_smaller_than_the_batch_trains_with_per_image_references(tmp_pat
         source_dataset="MVTecAD", source_root=str(root), source_categories=["stripes", "dots"],
         target_categories=["waves"], k_shot=2, train_batch_size=16, eval_batch_size=8, num_workers=0,
     )  # fmt: skip
-    model = _resad(train_k_shot=4, synthetic_per_class=2)
+    model = _resad(training={"train_k_shot": 4, "synthetic_per_class": 2})
     _engine(tmp_path / "run", limit_val_batches=0).fit(model=model, datamodule=datamodule)
     assert model.trainer.global_step > 0
     assert _self_referenced_images(model, datamodule) == 0
@@ -95,7 +97,7 @@ def test_real_anomalies_are_used_when_the_class_has_them() -> None:
     """Synthetic (Perlin) anomalies only stand in for classes without labelled anomalies."""
     from types import SimpleNamespace
 
-    model = _resad(backbone_weights=None, anomalies_per_batch=6)
+    model = _resad(backbone_weights=None, training={"anomalies_per_batch": 6})
     sizes = [(c, 32 // s) for c, s in zip(model.model.backbone.channels, model.model.backbone.strides, strict=True)]
     pool = TrainingPool(seed=0)
     for name, real in (("with_real", 2), ("synthetic_only", 0)):
@@ -168,7 +170,7 @@ def test_presets_and_overrides() -> None:
         "cosine", "sq_diff", "merged",
     )  # fmt: skip
     assert (paper.model.bank.matching, paper.model.bank.residual, paper.model.score) == ("l2", "diff", "likelihood")
-    assert _resad(preset="paper", matching="cosine", backbone_weights=None).model.bank.matching == "cosine"
+    assert _resad(preset="paper", bank={"matching": "cosine"}, backbone_weights=None).model.bank.matching == "cosine"
     with pytest.raises(ValueError, match="preset"):
         ResAD(preset="neurips")
     # feature distribution matching: official on (1536 codes per level, third optimizer), paper off
@@ -181,8 +183,13 @@ def test_presets_and_overrides() -> None:
     assert paper.model.codebook is None
     assert not any("codebook" in name for name in paper.state_dict())
     assert len(paper.configure_optimizers()) == 2
-    assert _resad(preset="paper", fdm=True, fdm_codes=8, backbone_weights=None).model.codebook.num_codes == 8
-    assert _resad(fdm=False, backbone_weights=None).model.codebook is None
+    assert (
+        _resad(
+            preset="paper", overrides={"fdm": True}, codebook={"codes": 8}, backbone_weights=None
+        ).model.codebook.num_codes
+        == 8
+    )
+    assert _resad(overrides={"fdm": False}, backbone_weights=None).model.codebook is None
 
 
 # ----------------------------------------------------------------------------------------------- VQ + EFDM
@@ -328,7 +335,7 @@ def test_codebook_initialised_from_normal_residuals_converges() -> None:
     everywhere = torch.ones(16, 4, 4, dtype=torch.bool)
 
     def fit(codebook: ResidualCodebook) -> float:
-        optimizer = torch.optim.Adam(codebook.param_groups(1e-2))  # ResAD's default fdm_lr
+        optimizer = torch.optim.Adam(codebook.param_groups(1e-2))  # ResAD's default codebook_lr
         for _ in range(200):
             loss = codebook.loss([anomalous], [normal])
             optimizer.zero_grad()
@@ -428,7 +435,7 @@ def test_bank_file_round_trip_through_the_model(synthetic_root, tmp_path) -> Non
         _resad().load_bank(path)
     with pytest.raises(BankMismatchError, match="layers"):
         _resad(layers=(1, 2)).load_bank(path)
-    bigger = ResAD(visualizer=False, coupling_blocks=2, condition_dim=32)  # default 256 px input
+    bigger = ResAD(visualizer=False, flow=FlowOptions(coupling_blocks=2, condition_dim=32))  # default 256 px input
     with pytest.raises(BankMismatchError, match="image_size"):
         bigger.load_bank(path)
 

@@ -19,7 +19,10 @@ def test_source_classes_are_distinct_nested_prefixes_without_the_target() -> Non
 
 
 def test_settings_parse_and_bad_ones_are_named() -> None:
-    assert _setting('unbounded={"epoch_classes": null}') == ("unbounded", {"epoch_classes": None})
+    assert _setting('unbounded={"episodes": {"epoch_classes": null}}') == (
+        "unbounded",
+        {"episodes": {"epoch_classes": None}},
+    )
     assert _setting("defaults=") == ("defaults", {})
     for bad in ("x={epoch_classes: 2}", "=", "x=[1]"):
         with pytest.raises(SystemExit, match="--setting"):

@@ -128,7 +128,13 @@ def test_tiny_cgad_with_a_vit_exports_to_openvino_with_parity(synthetic_root, tm
 
     torch.manual_seed(0)
     model, _, xml = _train_and_export(
-        CGAD, synthetic_root, tmp_path, backbone=VIT, backbone_weights=None, coupling_blocks=2, synthetic_per_class=2
+        CGAD,
+        synthetic_root,
+        tmp_path,
+        backbone=VIT,
+        backbone_weights=None,
+        flow={"coupling_blocks": 2},
+        training={"synthetic_per_class": 2},
     )
     assert Path(xml).is_file()
     assert [tuple(t.shape) for t in model.model.bank_tensors()] == [(2 * 25, 384), (2 * 25, 384), (2,)]

@@ -216,9 +216,9 @@ def test_coreset_measures_cosine_distance_when_matching_is_cosine() -> None:
     assert coreset_indices(rows, 1.0).tolist() == [0, 1, 2, 3]
     assert coreset_indices(rows, 0.01).tolist() == [0]  # at least one row
     for bad in (0.0, -0.5, 1.5):
-        with pytest.raises(ValueError, match="reference_coreset must lie in"):
+        with pytest.raises(ValueError, match=r"bank coreset \(bank.coreset\) must lie in"):
             coreset_indices(rows, bad)
-    with pytest.raises(ValueError, match="reference_coreset must lie in"):
+    with pytest.raises(ValueError, match=r"bank coreset \(bank.coreset\) must lie in"):
         ReferenceBank(1, coreset=0.0)
 
 

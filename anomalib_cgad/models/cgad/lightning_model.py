@@ -30,6 +30,8 @@ See Also:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from anomalib.models.components import AnomalibModule
@@ -46,6 +48,37 @@ from anomalib_cgad.models.episodic import EpisodeOptions, EpisodicMixin
 from anomalib_cgad.validation import check_count
 
 
+@dataclass(frozen=True)
+class CGADTraining:
+    """CGAD's training beyond the episodes: learning rates, anomalies and a scoring ablation.
+
+    Args:
+        lr (float): inner learning rate (constraintor + flow). Defaults to ``2e-4``.
+        outer_lr (float): outer learning rate of the flow. Defaults to ``1e-4``.
+        calibration_lr (float): learning rate of ``b`` and ``T``. Defaults to ``1e-2``.
+        synthetic_per_class (int): Perlin anomalies made per training class. Defaults to ``16``.
+        inner_anomalies (int): anomalous images per inner class and episode that the inner level also fits:
+            their residuals are pushed below a boundary of the normal log-likelihood (ResAD's BG-SPP,
+            ``flow_loss_paper``). ``0`` = the inner level sees normal images only. Defaults to ``0``
+            (measured in the model README).
+        normalise_by_references (bool): also standardise scores by the references' leave-one-out map. Defaults
+            to ``False``: the boundaries and temperature learned on the training classes already put every class
+            on one scale, and the standardisation collapsed F1 from mono to poly on ELPV (model README).
+    """
+
+    lr: float = 2e-4
+    outer_lr: float = 1e-4
+    calibration_lr: float = 1e-2
+    synthetic_per_class: int = 16
+    inner_anomalies: int = 0
+    normalise_by_references: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inner_anomalies < 0:
+            msg = f"inner_anomalies must be >= 0, got {self.inner_anomalies}."
+            raise ValueError(msg)
+
+
 class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
     """CGAD lightning module (the default model of anomalib-cgad).
 
@@ -56,48 +89,35 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
         k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
-        k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
         few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
         false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
             its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
-        matching (str): ``"l2"`` or ``"cosine"``. Defaults to ``"cosine"`` (ResAD's released code; measured
-            better than ``"l2"`` on ELPV, see the model README).
-        residual (str): ``"diff"`` or ``"sq_diff"``. Defaults to ``"sq_diff"``.
-        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
-        condition_dim (int): positional-code length. Defaults to ``16`` (ResAD: 128; measured, see the model README).
-        inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
-        anomalies_per_class (int): anomalous images per OOD class and episode. Defaults to ``2``.
-        inner_anomalies (int): anomalous images per inner class and episode that the inner level also fits:
-            their residuals are pushed below a boundary of the normal log-likelihood (ResAD's BG-SPP,
-            ``flow_loss_paper``). ``0`` = the inner level sees normal images only. Defaults to ``0``
-            (measured in the model README).
-        outer (bool): run the outer level (``False`` = inner only, the ablation). Defaults to ``True``.
-        direction (str): ``"multi"`` or ``"single"`` episodes. Defaults to ``"multi"``.
-        epoch_classes (int | None): with more training classes than this, an epoch runs as many episodes as
-            this many classes' training batches would give, so training time stops growing with the classes
-            (:meth:`~anomalib_cgad.models.episodic.EpisodicMixin._episode_budget`). ``None``: one episode per
-            training batch. Defaults to ``4``: nothing changes up to 4 classes (measured in the model README).
-        pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
-        margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
-        learn_temperature (bool): learn T. Defaults to ``True``.
-        normalise_by_references (bool): also standardise scores by the references' leave-one-out map. Defaults
-            to ``False``: the boundaries and temperature learned on the training classes already put every class
-            on one scale, and the standardisation collapsed F1 from mono to poly on ELPV (model README).
-        reference_coreset (float): share of each class's reference patches kept in its bank, a greedy k-center
-            coreset; the nearest-reference search then costs that share of the exact one. Defaults to ``1.0``
-            (every patch, exact search; the accuracy/latency trade-off is measured in the model README).
-        lr (float): inner learning rate (constraintor + flow). Defaults to ``2e-4``.
-        outer_lr (float): outer learning rate of the flow. Defaults to ``1e-4``.
-        calibration_lr (float): learning rate of ``b`` and ``T``. Defaults to ``1e-2``.
-        synthetic_per_class (int): Perlin anomalies made per training class. Defaults to ``16``.
+        bank (BankOptions): matching, residual and coreset of the reference bank. Defaults to cosine matching
+            (ResAD's released code; measured better than ``"l2"`` on ELPV, see the model README), squared
+            residuals and every patch (``coreset=0.5`` halves the nearest-reference search; measured in the
+            model README).
+        flow (FlowOptions): coupling blocks per level and positional-code length. Defaults to 8 blocks and
+            ``condition_dim=None``: CGAD's 16-long code (ResAD: 128; measured, see the model README).
+        episodes (EpisodeOptions): the episodes of the two levels (reference counts, direction, margin,
+            PCGrad, outer level on/off, queries, anomalies per class, episodes per epoch, learned ``T``).
+            Defaults to :class:`~anomalib_cgad.models.episodic.EpisodeOptions`'s.
+        training (CGADTraining): learning rates, synthetic and inner anomalies, the score standardisation
+            ablation. Defaults to :class:`CGADTraining`'s.
         seed (int): seed of episodes, references and synthetic anomalies. Defaults to ``0``. Weight
             initialisation follows the global generators: the flow's fixed random rotations (SciPy's
             ``special_ortho_group`` in anomalib's ``AllInOneBlock``) come from NumPy's, so ``torch.manual_seed``
             alone does not repeat a run; use ``lightning.seed_everything`` (``anomalib train --seed_everything N``).
+
+    Example:
+        >>> model = CGAD(backbone_weights=None, flow=FlowOptions(coupling_blocks=4))  # code length: CGAD's
+        >>> len(model.model.flow.flows[0].module_list), model.model.flow.condition_dim
+        (4, 16)
     """
 
     demo_epochs = 4
     inner_log_name = "inner_nll"
+    FLAT_ALIASES: ClassVar[dict[str, str]] = {"reference_coreset": "bank.coreset"}
+    """Flat names of anomalib-cgad 0.1 that are not their field's name (:mod:`anomalib_cgad.models.options`)."""
 
     def __init__(
         self,
@@ -105,28 +125,12 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         layers: Sequence[int] | None = None,
         backbone_weights: str | None = "pretrained",
         k_shot: int | None = None,
-        k_choices: Sequence[int] = (1, 2, 4, 8),
         few_shot_source: str | None = None,
         false_alarm_rate: float = 0.05,
-        matching: str = "cosine",
-        residual: str = "sq_diff",
-        coupling_blocks: int = 8,
-        condition_dim: int = 16,
-        inner_queries: int = 8,
-        anomalies_per_class: int = 2,
-        inner_anomalies: int = 0,
-        outer: bool = True,
-        direction: str = "multi",
-        epoch_classes: int | None = 4,
-        pcgrad: bool = True,
-        margin: str = "mean_gap",
-        learn_temperature: bool = True,
-        normalise_by_references: bool = False,
-        reference_coreset: float = 1.0,
-        lr: float = 2e-4,
-        outer_lr: float = 1e-4,
-        calibration_lr: float = 1e-2,
-        synthetic_per_class: int = 16,
+        bank: BankOptions = BankOptions(),
+        flow: FlowOptions = FlowOptions(),
+        episodes: EpisodeOptions = EpisodeOptions(),
+        training: CGADTraining = CGADTraining(),
         seed: int = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -134,28 +138,20 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
-        episodes = EpisodeOptions(
-            k_choices, direction, margin, pcgrad, outer, inner_queries, anomalies_per_class, epoch_classes
-        )
-        if inner_anomalies < 0:
-            msg = f"inner_anomalies must be >= 0, got {inner_anomalies}."
-            raise ValueError(msg)
         super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
         self._init_episodes(episodes, seed)
-        self.inner_anomalies = inner_anomalies
+        self.inner_anomalies = training.inner_anomalies
         self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step
-        self.lr = lr
-        self.outer_lr = outer_lr
-        self.calibration_lr = calibration_lr
-        self.synthetic_per_class = synthetic_per_class
+        self.lr, self.outer_lr, self.calibration_lr = training.lr, training.outer_lr, training.calibration_lr
+        self.synthetic_per_class = training.synthetic_per_class
         self.model = CGADModel(
             backbone,
             layers,
             backbone_weights,
-            bank=BankOptions(matching, residual, reference_coreset),
-            flow=FlowOptions(coupling_blocks, condition_dim),
-            learn_temperature=learn_temperature,
-            normalise_by_references=normalise_by_references,
+            bank=bank,
+            flow=flow,
+            learn_temperature=episodes.learn_temperature,
+            normalise_by_references=training.normalise_by_references,
         )
         self._init_references(k_shot, few_shot_source, false_alarm_rate)
 

@@ -37,9 +37,7 @@ from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
 from anomalib_cgad.components.flow import FlowOptions
 from anomalib_cgad.components.reference_bank import BankOptions, best_index, flatten_patches
-from anomalib_cgad.models.resad.torch_model import ResADModel
-
-CGAD_FLOW = FlowOptions(condition_dim=16)  # ResAD's 128-long positional code cost CGAD accuracy (model README)
+from anomalib_cgad.models.resad.torch_model import LevelOutputs, ResADModel
 
 
 def leave_one_out_residuals(features: Sequence[torch.Tensor], matching: str, residual: str) -> list[torch.Tensor]:
@@ -80,7 +78,7 @@ class CGADModel(ResADModel):
         bank (BankOptions): matching, residual and coreset of the reference bank. Defaults to cosine matching,
             squared residuals, every patch.
         flow (FlowOptions): coupling blocks and positional-code length. Defaults to 8 blocks and a 16-long code
-            (ResAD: 128; measured, see the model README).
+            (:attr:`default_condition_dim`; ResAD: 128; measured, see the model README).
         temperature_bounds (tuple[float, float]): bounds of the learned temperature. Defaults to ``(0.5, 10)``.
         learn_temperature (bool): learn T (else fixed at 1). Defaults to ``True``.
         normalise_by_references (bool): standardise scores by the references' leave-one-out map. Defaults to
@@ -92,13 +90,16 @@ class CGADModel(ResADModel):
         scale (torch.Tensor): ``(μ, σ)`` reference normaliser of the current class (part of the bank).
     """
 
+    default_condition_dim = 16
+    """ResAD's 128-long positional code cost CGAD accuracy (measured, model README)."""
+
     def __init__(
         self,
         backbone: str = OFFLINE_BACKBONE,
         layers: Sequence[int] | None = None,
         backbone_weights: str | None = PRETRAINED,
         bank: BankOptions = BankOptions(),
-        flow: FlowOptions = CGAD_FLOW,
+        flow: FlowOptions = FlowOptions(),
         temperature_bounds: tuple[float, float] = (0.5, 10.0),
         learn_temperature: bool = True,
         normalise_by_references: bool = False,
@@ -113,27 +114,17 @@ class CGADModel(ResADModel):
         """``z_l = logp̄_l − b_l`` per level."""
         return [logp - self.boundary[level] for level, logp in enumerate(logps)]
 
-    def patch_scores(
-        self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
-        """``−z_l / T`` per level, ``(B, 1, H_l, W_l)``: the logit of ``1 − σ(z_l / T)``, which never saturates.
-
-        ``zmeans`` is not used (CGAD's decision is on ``logp̄`` alone); it is accepted for ResAD's signature.
-        """
-        del zmeans
+    def patch_scores(self, levels: LevelOutputs) -> list[torch.Tensor]:
+        """CGAD's score head: ``−z_l / T`` per level, ``(B, 1, H_l, W_l)``, the logit of ``1 − σ(z_l / T)``
+        (it never saturates); the decision is on ``logp̄`` alone."""
         temperature = self.temperature()
-        return [(-z / temperature).unsqueeze(1) for z in self.normality_logits(logps)]
-
-    def _raw_map(self, size: Sequence[int], logps: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.anomaly_map_generator(self.patch_scores(logps), size)
+        return [(-z / temperature).unsqueeze(1) for z in self.normality_logits(levels.logps)]
 
     def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
         """Bank levels of the references plus ``scale = (μ, σ)`` of their leave-one-out maps (shape ``(2,)``)."""
         levels = self.bank.build(features)
         residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
-        constrained = self.constraintor(residuals)
-        logps = [self.flow(level, feature)[0] for level, feature in enumerate(constrained)]
-        loo_map = self._raw_map(size, logps)
+        loo_map = self.anomaly_map(self.levels_from_residuals(residuals), size)
         scale = torch.stack([loo_map.mean(), loo_map.std(unbiased=False).clamp(min=1e-6)])
         return [*levels, scale]
 
@@ -156,8 +147,7 @@ class CGADModel(ResADModel):
     ) -> InferenceBatch:
         """Scores and maps of backbone levels against explicit bank tensors (levels + scale)."""
         *levels, scale = bank
-        _, _, logps, _ = self.level_outputs(features, levels)
-        anomaly_map = self._raw_map(size, logps)
+        anomaly_map = self.anomaly_map(self.level_outputs(features, levels), size)
         if self.normalise_by_references:
             anomaly_map = (anomaly_map - scale[0]) / scale[1]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)

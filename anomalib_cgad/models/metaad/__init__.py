@@ -7,7 +7,10 @@ softmax temperature are calibrated, after one ODIN step, to maximise the confide
 
 Example:
     >>> from anomalib_cgad import MetaAD
-    >>> model = MetaAD(outer=False)  # the inner-only ablation  # doctest: +SKIP
+    >>> from anomalib_cgad.models.episodic import EpisodeOptions
+    >>> model = MetaAD(backbone_weights=None, episodes=EpisodeOptions(outer=False))  # the inner-only ablation
+    >>> model.outer
+    False
 
 Paper: https://arxiv.org/abs/2601.19833
 """

@@ -6,7 +6,7 @@ Each training step is one episode over the training classes (components/episodes
    one-class BCE ``BCE(σ(z), 1)`` at ``T = 1`` plus ``0.1 ×`` feature reconstruction (``inner_mode="one_class"``,
    the paper's Eq. 4), or binary BCE with synthetic anomalies as negatives (``"supervised"``, what the
    authors' notebooks ran);
-2. **outer level** (``outer=True``): with the encoder frozen except its last layer, the head and ``T`` are
+2. **outer level** (``episodes.outer=True``): with the encoder frozen except its last layer, the head and ``T`` are
    calibrated on normals (ID) and a few anomalies (OOD) of other classes, after one ODIN step, by the
    softmax confidence margin loss; PCGrad reconciles the per-class outer losses with a clean inner term.
 
@@ -20,6 +20,7 @@ See Also:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,55 @@ from anomalib_cgad.validation import check_choice, check_count
 INNER_MODES = ("one_class", "supervised")
 
 
+@dataclass(frozen=True)
+class MetaADScoring:
+    """How MetaAD turns a patch into a score.
+
+    Args:
+        input_mode (str): ``"residual"`` (against the nearest reference patch) or ``"raw"`` features. Defaults
+            to ``"residual"``.
+        head (str): normality logit: ``"distance"`` ``z = s(ρ − ‖f_θ(x)‖/ν)`` with a bias-free encoder, or
+            ``"cosine"`` ``z = s·cos(w, f_θ(x))``. Defaults to ``"distance"`` (README: measured).
+        score (str): patch score ``"logit"`` (``−z/T``) or ``"confidence"`` (``1 − σ(z/T)``, the paper's).
+            Defaults to ``"logit"``.
+        odin (bool): one ODIN step before scoring (ε = 2e-3). Defaults to ``True``.
+        image_score (str): ``"max"`` of the smoothed map or ``"top1p"`` (mean of its top 1%). Defaults to ``"max"``.
+    """
+
+    input_mode: str = "residual"
+    head: str = "distance"
+    score: str = "logit"
+    odin: bool = True
+    image_score: str = "max"
+
+
+@dataclass(frozen=True)
+class MetaADTraining:
+    """MetaAD's training beyond the episodes: the inner objective and the learning rates.
+
+    Args:
+        inner_mode (str): ``"one_class"`` (the paper's) or ``"supervised"`` (synthetic anomalies as
+            negatives, the authors' notebooks). Defaults to ``"one_class"``.
+        reconstruction_weight (float): λ_rec. Defaults to ``0.1``.
+        lr (float): inner AdamW learning rate. Defaults to ``1e-3``.
+        head_lr (float): outer learning rate of the head. Defaults to ``3e-3``.
+        encoder_lr (float): outer learning rate of the last encoder layer. Defaults to ``1e-4``.
+        temperature_lr (float): learning rate of ``T``. Defaults to ``1e-3``.
+        synthetic_per_class (int): Perlin anomalies made per training class. Defaults to ``16``.
+    """
+
+    inner_mode: str = "one_class"
+    reconstruction_weight: float = 0.1
+    lr: float = 1e-3
+    head_lr: float = 3e-3
+    encoder_lr: float = 1e-4
+    temperature_lr: float = 1e-3
+    synthetic_per_class: int = 16
+
+    def __post_init__(self) -> None:
+        check_choice("inner_mode", self.inner_mode, INNER_MODES)
+
+
 class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
     """MetaAD lightning module.
 
@@ -47,38 +97,18 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
         k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
-        k_choices (Sequence[int]): reference counts drawn per episode. Defaults to ``(1, 2, 4, 8)``.
         few_shot_source (str | None): folder of reference images. Defaults to ``None``.
         false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
             its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
-        input_mode (str): ``"residual"`` or ``"raw"``. Defaults to ``"residual"``.
-        inner_mode (str): ``"one_class"`` or ``"supervised"``. Defaults to ``"one_class"``.
-        outer (bool): run the outer level. Defaults to ``True``.
-        direction (str): ``"multi"`` or ``"single"``. Defaults to ``"multi"``.
-        epoch_classes (int | None): with more training classes than this, an epoch runs as many episodes as
-            this many classes' training batches would give, so training time stops growing with the classes
-            (:meth:`~anomalib_cgad.models.episodic.EpisodicMixin._episode_budget`). ``None``: one episode per
-            training batch. Defaults to ``4``: nothing changes up to 4 classes (measured in the README).
-        pcgrad (bool): PCGrad across outer losses. Defaults to ``True``.
-        margin (str): ``"mean_gap"``, ``"pairwise"`` or ``"energy"``. Defaults to ``"mean_gap"``.
-        learn_temperature (bool): learn ``T``. Defaults to ``True``.
-        odin (bool): one ODIN step before scoring (ε = 2e-3). Defaults to ``True``.
-        image_score (str): ``"max"`` of the smoothed map or ``"top1p"`` (mean of its top 1%). Defaults to ``"max"``.
-        head (str): normality logit: ``"distance"`` ``z = s(ρ − ‖f_θ(x)‖/ν)`` with a bias-free encoder, or
-            ``"cosine"`` ``z = s·cos(w, f_θ(x))``. Defaults to ``"distance"`` (README: measured).
-        score (str): patch score ``"logit"`` (``−z/T``) or ``"confidence"`` (``1 − σ(z/T)``, the paper's).
-            Defaults to ``"logit"``.
-        inner_queries (int): normal images per episode at the inner level. Defaults to ``8``.
-        anomalies_per_class (int): anomalies per OOD class and episode (K_anom). Real labelled anomalies of
-            the class are used when the training set has them, synthetic Perlin ones otherwise. ``0`` = the
-            "synthetic only" ablation: the outer level still runs, on ``SYNTHETIC_ONLY_COUNT`` synthetic
-            anomalies per class, and real labelled anomalies are never used. Defaults to ``2``.
-        reconstruction_weight (float): λ_rec. Defaults to ``0.1``.
-        lr (float): inner AdamW learning rate. Defaults to ``1e-3``.
-        head_lr (float): outer learning rate of the head. Defaults to ``3e-3``.
-        encoder_lr (float): outer learning rate of the last encoder layer. Defaults to ``1e-4``.
-        temperature_lr (float): learning rate of ``T``. Defaults to ``1e-3``.
-        synthetic_per_class (int): Perlin anomalies made per training class. Defaults to ``16``.
+        scoring (MetaADScoring): input, head, patch score, ODIN and image score. Defaults to
+            :class:`MetaADScoring`'s.
+        episodes (EpisodeOptions): the episodes of the two levels. ``anomalies_per_class`` (K_anom) uses real
+            labelled anomalies of the class when the training set has them, synthetic Perlin ones otherwise;
+            ``0`` is the "synthetic only" ablation: the outer level still runs, on ``SYNTHETIC_ONLY_COUNT``
+            synthetic anomalies per class, and real labelled anomalies are never used. Defaults to
+            :class:`~anomalib_cgad.models.episodic.EpisodeOptions`'s.
+        training (MetaADTraining): inner objective, learning rates, synthetic anomalies. Defaults to
+            :class:`MetaADTraining`'s.
         seed (int): seed of episodes and draws. Defaults to ``0``.
     """
 
@@ -91,62 +121,38 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
         layers: Sequence[int] | None = None,
         backbone_weights: str | None = "pretrained",
         k_shot: int | None = None,
-        k_choices: Sequence[int] = (1, 2, 4, 8),
         few_shot_source: str | None = None,
         false_alarm_rate: float = 0.05,
-        input_mode: str = "residual",
-        inner_mode: str = "one_class",
-        outer: bool = True,
-        direction: str = "multi",
-        epoch_classes: int | None = 4,
-        pcgrad: bool = True,
-        margin: str = "mean_gap",
-        learn_temperature: bool = True,
-        odin: bool = True,
-        image_score: str = "max",
-        head: str = "distance",
-        score: str = "logit",
-        inner_queries: int = 8,
-        anomalies_per_class: int = 2,
-        reconstruction_weight: float = 0.1,
-        lr: float = 1e-3,
-        head_lr: float = 3e-3,
-        encoder_lr: float = 1e-4,
-        temperature_lr: float = 1e-3,
-        synthetic_per_class: int = 16,
+        scoring: MetaADScoring = MetaADScoring(),
+        episodes: EpisodeOptions = EpisodeOptions(),
+        training: MetaADTraining = MetaADTraining(),
         seed: int = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: nn.Module | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        check_choice("inner_mode", inner_mode, INNER_MODES)
         check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
-        episodes = EpisodeOptions(
-            k_choices, direction, margin, pcgrad, outer, inner_queries, anomalies_per_class, epoch_classes
-        )
-        if anomalies_per_class < 0:
-            msg = f"anomalies_per_class must be >= 0, got {anomalies_per_class}."
-            raise ValueError(msg)
-        if outer and anomalies_per_class == 0 and synthetic_per_class == 0:
+        if episodes.outer and episodes.anomalies_per_class == 0 and training.synthetic_per_class == 0:
             msg = "anomalies_per_class=0 (synthetic only) needs synthetic_per_class > 0 for the outer level."
             raise ValueError(msg)
         super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
         self._init_episodes(episodes, seed)
-        self.inner_mode = inner_mode
-        self.reconstruction_weight = reconstruction_weight
-        self.lr, self.head_lr, self.encoder_lr, self.temperature_lr = lr, head_lr, encoder_lr, temperature_lr
-        self.synthetic_per_class = synthetic_per_class
+        self.inner_mode = training.inner_mode
+        self.reconstruction_weight = training.reconstruction_weight
+        self.lr, self.head_lr = training.lr, training.head_lr
+        self.encoder_lr, self.temperature_lr = training.encoder_lr, training.temperature_lr
+        self.synthetic_per_class = training.synthetic_per_class
         self.model = MetaADModel(
             backbone=backbone,
             layers=layers,
             backbone_weights=backbone_weights,
-            input_mode=input_mode,
-            odin_eps=2e-3 if odin else 0.0,
-            learn_temperature=learn_temperature,
-            image_score=image_score,
-            head=head,
-            score=score,
+            input_mode=scoring.input_mode,
+            odin_eps=2e-3 if scoring.odin else 0.0,
+            learn_temperature=episodes.learn_temperature,
+            image_score=scoring.image_score,
+            head=scoring.head,
+            score=scoring.score,
         )
         self._init_references(k_shot, few_shot_source, false_alarm_rate)
 

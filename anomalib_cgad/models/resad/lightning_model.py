@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from anomalib.models.components import AnomalibModule
@@ -71,6 +72,55 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class PresetOverrides:
+    """Single entries of ResAD's preset to override (``None``: the preset's).
+
+    Args:
+        occ (str | None): feature constraintor loss, ``"paper"`` (pseudo-Huber) or ``"log_barrier"``.
+        flow_loss (str | None): ``"paper"`` (NLL + BG-SPP hinge) or ``"official"`` (ψ-NLL + abnormal density + focal).
+        score (str | None): ``"likelihood"`` or ``"merged"``.
+        fdm (bool | None): ResAD++'s feature distribution matching: a codebook of normal training residuals per
+            level, and EFDM of the test residuals towards it before the constraintor (released code only)
+            (``official``: on, ``paper``: off).
+    """
+
+    occ: str | None = None
+    flow_loss: str | None = None
+    score: str | None = None
+    fdm: bool | None = None
+
+
+@dataclass(frozen=True)
+class ResADTraining:
+    """ResAD's training: reference draws, learning rates, anomalies per batch.
+
+    Args:
+        train_k_shot (int): references drawn per training query. Defaults to ``4``.
+        lr (float): Adam learning rate of constraintor and flows. Defaults to ``2e-4``.
+        weight_decay (float): Adam L2 decay. Defaults to ``5e-4``.
+        bgspp_weight (float): λ of the BG-SPP term. Defaults to ``1.0``.
+        anomalies_per_batch (int): real or synthetic anomalous images added to each training batch.
+            Defaults to ``4``.
+        synthetic_per_class (int): synthetic (Perlin) anomalies made per training class. Defaults to ``16``.
+        fiber_batch (int): flow rows per optimiser step (the remainder chunk is kept). Defaults to ``8192``.
+        codebook_lr (float): learning rate of the codebook's Adam, relative to the spread of each level's
+            residuals (level ``l`` uses ``codebook_lr · std_l``; see :class:`ResAD`'s Notes). Defaults to ``1e-2``.
+    """
+
+    train_k_shot: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 5e-4
+    bgspp_weight: float = 1.0
+    anomalies_per_batch: int = 4
+    synthetic_per_class: int = 16
+    fiber_batch: int = 8192
+    codebook_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        check_count("train_k_shot", self.train_k_shot)
+
+
 class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
     """ResAD lightning module.
 
@@ -85,34 +135,22 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
         k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
             (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
-        train_k_shot (int): references drawn per training query. Defaults to ``4``.
         few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
         false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
             its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
-        coupling_blocks (int): flow blocks per level. Defaults to ``8``.
-        condition_dim (int): positional-code length. Defaults to ``128``.
-        lr (float): Adam learning rate of constraintor and flows. Defaults to ``2e-4``.
-        weight_decay (float): Adam L2 decay. Defaults to ``5e-4``.
-        bgspp_weight (float): λ of the BG-SPP term. Defaults to ``1.0``.
-        anomalies_per_batch (int): real or synthetic anomalous images added to each training batch.
-            Defaults to ``4``.
-        synthetic_per_class (int): synthetic (Perlin) anomalies made per training class. Defaults to ``16``.
-        fiber_batch (int): flow rows per optimiser step (the remainder chunk is kept). Defaults to ``8192``.
+        bank (BankOptions | None): matching, residual and coreset of the reference bank. ``None``: the preset's
+            matching and residual, every patch. A given one replaces all three (its own defaults are the
+            ``official`` preset's). Defaults to ``None``.
+        overrides (PresetOverrides): single preset entries to override. Defaults to none.
+        flow (FlowOptions): coupling blocks per level and positional-code length. Defaults to 8 and
+            ``condition_dim=None``: ResAD's 128.
+        codebook (CodebookOptions): codes per level, EFDM weight and VQ β of the distribution matching (used
+            when the preset or ``overrides.fdm`` turns it on). Defaults to ``1536``, ``0.4``, ``0.25``.
+        training (ResADTraining): reference draws, learning rates, anomalies per batch. Defaults to
+            :class:`ResADTraining`'s.
         seed (int): seed of reference draws, synthetic anomalies and the codebook initialisation. Defaults to
             ``0``. The flow's initialisation follows the global generators (its fixed random rotations NumPy's):
             use ``lightning.seed_everything`` to repeat a run.
-        matching, residual, occ, flow_loss, score (str | None): override single preset entries.
-        fdm (bool | None): ResAD++'s feature distribution matching: a codebook of normal training residuals per
-            level, and EFDM of the test residuals towards it before the constraintor (released code only). ``None``
-            takes the preset's value (``official``: on, ``paper``: off). Defaults to ``None``.
-        fdm_codes (int): codes per level. Defaults to ``1536``.
-        fdm_alpha (float): EFDM weight of the original residual values (``1`` = no change). Defaults to ``0.4``.
-        fdm_beta (float): weight β of the codebook term of the VQ loss. Defaults to ``0.25``.
-        fdm_lr (float): learning rate of the codebook's Adam, relative to the spread of each level's residuals
-            (level ``l`` uses ``fdm_lr · std_l``; see Notes). Defaults to ``1e-2``.
-        reference_coreset (float): share of each class's reference patches kept in its bank, a greedy k-center
-            coreset; the nearest-reference search then costs that share of the exact one. Defaults to ``1.0``
-            (every patch, exact search; the accuracy/latency trade-off is measured in the model README).
         pre_processor, post_processor, evaluator, visualizer: anomalib components. Default ``True``.
 
     Notes:
@@ -123,11 +161,19 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         ``U(−1/K, 1/K)`` (≈ 0, which a short run never moves onto residuals of scale ~1–10, so that EFDM would
         drag test residuals towards 0), the first training step sets the codes to randomly drawn normal
         residuals of that step; from then on the β-term of the VQ loss trains them with their own Adam
-        (no weight decay, learning rate ``fdm_lr · std_l`` per level). The codebook is saved in checkpoints
+        (no weight decay, learning rate ``codebook_lr · std_l`` per level). The codebook is saved in checkpoints
         together with its ``initialised`` flags, so a reloaded or resumed model is not re-initialised.
     """
 
     demo_epochs = 6
+    FLAT_ALIASES: ClassVar[dict[str, str]] = {
+        "reference_coreset": "bank.coreset",
+        "fdm_codes": "codebook.codes",
+        "fdm_alpha": "codebook.alpha",
+        "fdm_beta": "codebook.beta",
+        "fdm_lr": "training.codebook_lr",
+    }
+    """Flat names of anomalib-cgad 0.1 that are not their field's name (:mod:`anomalib_cgad.models.options`)."""
 
     def __init__(
         self,
@@ -136,67 +182,39 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         layers: Sequence[int] | None = None,
         backbone_weights: str | None = "pretrained",
         k_shot: int | None = None,
-        train_k_shot: int = 4,
         few_shot_source: str | None = None,
         false_alarm_rate: float = 0.05,
-        coupling_blocks: int = 8,
-        condition_dim: int = 128,
-        lr: float = 2e-4,
-        weight_decay: float = 5e-4,
-        bgspp_weight: float = 1.0,
-        anomalies_per_batch: int = 4,
-        synthetic_per_class: int = 16,
-        fiber_batch: int = 8192,
+        bank: BankOptions | None = None,
+        overrides: PresetOverrides = PresetOverrides(),
+        flow: FlowOptions = FlowOptions(),
+        codebook: CodebookOptions = CodebookOptions(),
+        training: ResADTraining = ResADTraining(),
         seed: int = 0,
-        matching: str | None = None,
-        residual: str | None = None,
-        occ: str | None = None,
-        flow_loss: str | None = None,
-        score: str | None = None,
-        fdm: bool | None = None,
-        fdm_codes: int = 1536,
-        fdm_alpha: float = 0.4,
-        fdm_beta: float = 0.25,
-        fdm_lr: float = 1e-2,
-        reference_coreset: float = 1.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: nn.Module | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_choice("preset", preset, sorted(PRESETS))
-        test_k_shot = DEFAULT_K_SHOT if k_shot is None else k_shot
-        check_count("k_shot", test_k_shot, check_range=False)  # type first; the range message below names both
-        check_count("train_k_shot", train_k_shot, check_range=False)
-        if test_k_shot < 1 or train_k_shot < 1:
-            msg = f"k_shot and train_k_shot must be >= 1 (got {test_k_shot}, {train_k_shot})."
-            raise ValueError(msg)
+        check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
+        bank = self.group_default("bank", {"preset": preset}) if bank is None else bank
         super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
-        options = {**PRESETS[preset]}
-        for key, value in {"matching": matching, "residual": residual, "occ": occ, "flow_loss": flow_loss}.items():
-            if value is not None:
-                options[key] = value
-        if score is not None:
-            options["score"] = score
-        if fdm is not None:
-            options["fdm"] = bool(fdm)
+        options = {**PRESETS[preset], "matching": bank.matching, "residual": bank.residual}
+        options.update({key: value for key, value in asdict(overrides).items() if value is not None})
         self.options = options
-        self.train_k_shot = train_k_shot
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.bgspp_weight = bgspp_weight
-        self.anomalies_per_batch = anomalies_per_batch
-        self.synthetic_per_class = synthetic_per_class
-        self.fiber_batch = fiber_batch
+        self.train_k_shot = training.train_k_shot
+        self.lr, self.weight_decay, self.bgspp_weight = training.lr, training.weight_decay, training.bgspp_weight
+        self.anomalies_per_batch = training.anomalies_per_batch
+        self.synthetic_per_class = training.synthetic_per_class
+        self.fiber_batch = training.fiber_batch
         self.seed = seed
-        self.fdm_lr = fdm_lr
-        codebook = CodebookOptions(fdm_codes, fdm_alpha, fdm_beta)  # checked even when fdm is off
+        self.codebook_lr = training.codebook_lr
         self.model = ResADModel(
             backbone,
             layers,
             backbone_weights,
-            bank=BankOptions(options["matching"], options["residual"], reference_coreset),
-            flow=FlowOptions(coupling_blocks, condition_dim),
+            bank=bank,
+            flow=flow,
             score=options["score"],
             codebook=codebook if options["fdm"] else None,
         )
@@ -206,10 +224,18 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         self._codebook_generator: torch.Generator | None = None
         self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
+    @staticmethod
+    def group_default(name: str, args: dict[str, Any]) -> BankOptions | None:
+        """The bank options a preset implies (``None`` for the other groups: their declared default)."""
+        if name != "bank":
+            return None
+        recipe = PRESETS.get(args.get("preset", "official"))
+        return None if recipe is None else BankOptions(recipe["matching"], recipe["residual"])
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One Adam for the constraintor, one for the flows (the flow sees detached features, as in the released code).
 
-        With ``fdm`` a third Adam trains the codebook: one group per level, learning rate ``fdm_lr · std_l``,
+        With ``fdm`` a third Adam trains the codebook: one group per level, learning rate ``codebook_lr · std_l``,
         no weight decay (decay would pull the codes towards 0, the bias the data initialisation removes).
         """
         constraintor = torch.optim.Adam(
@@ -218,7 +244,7 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         flow = torch.optim.Adam(self.model.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.model.codebook is None:
             return [constraintor, flow]
-        codebook = torch.optim.Adam(self.model.codebook.param_groups(self.fdm_lr), weight_decay=0.0)
+        codebook = torch.optim.Adam(self.model.codebook.param_groups(self.codebook_lr), weight_decay=0.0)
         return [constraintor, flow, codebook]
 
     def on_train_start(self) -> None:
@@ -321,7 +347,7 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
             if self._codebook_generator is None:
                 self._codebook_generator = torch.Generator().manual_seed(self.seed)
             if codebook.initialise(residual_maps, normal, generator=self._codebook_generator):
-                codebook.update_learning_rates(getattr(optimizer, "optimizer", optimizer), self.fdm_lr)
+                codebook.update_learning_rates(getattr(optimizer, "optimizer", optimizer), self.codebook_lr)
         loss = codebook.loss(residual_maps, normal)
         if loss.requires_grad:
             optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
@@ -44,6 +45,19 @@ class FeatureConstraintor(nn.ModuleList):
         return [block(r) for block, r in zip(self, residuals, strict=True)]
 
 
+class LevelOutputs(NamedTuple):
+    """What the model computes per feature level before the score head (each a list over levels)."""
+
+    residuals: list[torch.Tensor]
+    """``(B, C_l, H_l, W_l)`` residuals against the nearest reference patches (EFDM-matched in eval mode)."""
+    constrained: list[torch.Tensor]
+    """The feature constraintor's output."""
+    logps: list[torch.Tensor]
+    """``(B, H_l, W_l)`` per-patch mean log-likelihood ``logp̄`` of the flow."""
+    zmeans: list[torch.Tensor]
+    """``(B, H_l, W_l)`` per-patch ``mean_c(z)`` of the flow (the ``"merged"`` score's second term)."""
+
+
 class ResADModel(BankModel):
     """ResAD torch model.
 
@@ -54,7 +68,8 @@ class ResADModel(BankModel):
         backbone_weights (str | None): ``"pretrained"``, a checkpoint path, or ``None`` (random).
         bank (BankOptions): matching, residual and coreset of the reference bank. Defaults to cosine matching,
             squared residuals, every patch (:class:`~anomalib_cgad.components.reference_bank.BankOptions`).
-        flow (FlowOptions): coupling blocks and positional-code length. Defaults to 8 and 128.
+        flow (FlowOptions): coupling blocks and positional-code length. Defaults to 8 and
+            :attr:`default_condition_dim` (128).
         score (str): ``"likelihood"`` (S1 = Σ_l 1 − exp(logp̄_l − m_l)) or ``"merged"`` ((S1 + S2)/2 with
             S2 = mean_l σ(mean_c z − ½), the official code's score). Defaults to ``"merged"``.
         sigma (float): Gaussian smoothing of the map. Defaults to ``4``.
@@ -70,6 +85,9 @@ class ResADModel(BankModel):
         codebook (ResidualCodebook | None): per-level codes of normal training residuals (with ``codebook`` only).
         logp_max (torch.Tensor): per-level normaliser ``m_l`` (max ``logp̄`` on training normals).
     """
+
+    default_condition_dim = 128
+    """Positional-code length when ``flow.condition_dim`` is ``None`` (ResAD's released code)."""
 
     def __init__(
         self,
@@ -90,6 +108,7 @@ class ResADModel(BankModel):
         channels = self.backbone.channels
         self.bank = ReferenceBank(len(channels), bank.matching, bank.residual, bank.coreset)
         self.constraintor = FeatureConstraintor(channels)
+        flow = flow.resolved(self.default_condition_dim)
         self.flow = ConditionalFlow(channels, flow.coupling_blocks, flow.condition_dim)
         self.codebook = None if codebook is None else ResidualCodebook(channels, codebook.codes, codebook.beta)
         self.fdm_alpha = 1.0 if codebook is None else codebook.alpha
@@ -123,12 +142,8 @@ class ResADModel(BankModel):
             for level, residual in enumerate(residuals)
         ]
 
-    def level_outputs(
-        self,
-        features: Sequence[torch.Tensor],
-        bank: Sequence[torch.Tensor],
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Residuals, constrained features, ``logp̄`` maps and ``mean_c(z)`` maps, per level.
+    def level_outputs(self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor]) -> LevelOutputs:
+        """The levels of backbone features against bank tensors (:class:`LevelOutputs`).
 
         In eval mode, with a codebook, the returned residuals are the EFDM-matched ones that the constraintor
         sees (training never applies EFDM, as in the released code).
@@ -136,40 +151,39 @@ class ResADModel(BankModel):
         residuals = self.bank.residuals(features, bank)
         if self.codebook is not None and not self.training:
             residuals = self.match_distribution(residuals)
+        return self.levels_from_residuals(residuals)
+
+    def levels_from_residuals(self, residuals: Sequence[torch.Tensor]) -> LevelOutputs:
+        """Constraintor and flow of per-level residual maps."""
         constrained = self.constraintor(residuals)
-        logps, zmeans = [], []
-        for level, feature in enumerate(constrained):
-            logp, zmean = self.flow(level, feature)
-            logps.append(logp)
-            zmeans.append(zmean)
-        return residuals, constrained, logps, zmeans
+        flows = [self.flow(level, feature) for level, feature in enumerate(constrained)]
+        return LevelOutputs(list(residuals), constrained, [logp for logp, _ in flows], [zmean for _, zmean in flows])
 
-    def patch_scores(
-        self, logps: Sequence[torch.Tensor], zmeans: Sequence[torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
-        """Per-level patch anomaly scores ``(B, 1, H_l, W_l)`` before up-sampling.
+    def patch_scores(self, levels: LevelOutputs) -> list[torch.Tensor]:
+        """Per-level patch anomaly scores ``(B, 1, H_l, W_l)`` before up-sampling: the model's score head.
 
-        ``zmeans`` (the flow's ``mean_c(z)`` maps) is needed by the ``"merged"`` score only.
+        ResAD's: ``S1 = 1 − exp(logp̄_l − m_l)``, and with the ``"merged"`` score also the flow's ``mean_c(z)``
+        term; a subclass with another decision (CGAD's calibrated logits) overrides this method alone.
         """
-        if self.score == "merged" and zmeans is None:
-            msg = "The 'merged' score needs the flow's mean_c(z) maps (zmeans)."
-            raise ValueError(msg)
         scores = []
-        for level, (logp, zmean) in enumerate(zip(logps, zmeans, strict=True)):
+        for level, (logp, zmean) in enumerate(zip(levels.logps, levels.zmeans, strict=True)):
             s1 = 1 - torch.exp((logp - self.logp_max[level]).clamp(max=0))
             if self.score == "merged":
                 s2 = torch.sigmoid(zmean - 0.5)
-                scores.append(((s1 + s2 / len(logps)) / 2).unsqueeze(1))
+                scores.append(((s1 + s2 / len(levels.logps)) / 2).unsqueeze(1))
             else:
                 scores.append(s1.unsqueeze(1))
         return scores
+
+    def anomaly_map(self, levels: LevelOutputs, size: Sequence[int]) -> torch.Tensor:
+        """The up-sampled, summed and smoothed map ``(B, 1, H, W)`` of the patch scores."""
+        return self.anomaly_map_generator(self.patch_scores(levels), size)
 
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
     ) -> InferenceBatch:
         """Scores and maps of backbone levels against explicit bank tensors."""
-        _, _, logps, zmeans = self.level_outputs(features, bank)
-        anomaly_map = self.anomaly_map_generator(self.patch_scores(logps, zmeans), size)
+        anomaly_map = self.anomaly_map(self.level_outputs(features, bank), size)
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
