@@ -343,13 +343,14 @@ def test_nan_in_the_model_gives_an_error_not_a_nan_score(synthetic_root) -> None
     ("option", "message"),
     [
         ({"k_shot": 0}, r"k_shot must be >= 1, got 0"),
-        ({"k_choices": (0, 4)}, r"k_choices must be >= 1, got 0"),
-        ({"k_choices": ()}, r"k_choices needs at least one reference count"),
-        ({"direction": "sideways"}, r"direction must be one of \('multi', 'single'\), got 'sideways'"),
-        ({"margin": "wide"}, r"margin must be one of \('mean_gap', 'pairwise', 'energy'\), got 'wide'"),
+        ({"episodes": {"k_choices": (0, 4)}}, r"k_choices must be >= 1, got 0"),
+        ({"episodes": {"k_choices": ()}}, r"k_choices needs at least one reference count"),
+        ({"episodes": {"direction": "sideways"}}, r"direction must be one of \('multi', 'single'\), got 'sideways'"),
+        ({"episodes": {"margin": "wide"}}, r"margin must be one of \('mean_gap', 'pairwise', 'energy'\), got 'wide'"),
     ],
 )
 def test_bad_episode_options_are_refused_when_the_model_is_built(model_cls, option, message) -> None:
-    """The episodic models (shared ``EpisodicMixin``) check their options up front, not an epoch into training."""
+    """The episodic models check their options up front (``EpisodeOptions`` when it is made, from a protocol's
+    mapping too), not an epoch into training."""
     with pytest.raises(ValueError, match=message):
-        model_cls(**option)
+        model_cls(**regroup_arguments(model_cls, option))
