@@ -9,6 +9,8 @@ the runs' ``results.csv`` (target-class rows, no ``mean`` rows) and writes ``tab
 2. the paired change against ``few_anomalies = 0`` (same direction, same reference seed), mean ± std over the
    pairs, beside the spread over reference seeds at 0 (the std over seeds within a direction, averaged over
    the directions): a change is read as real only when it clearly exceeds that spread;
+   A model named ``<model>_seed_<n>`` (a retrained copy with another training seed, as the presets' control
+   variants) gets a row of its paired change against ``<model>``: the training noise to compare with;
 3. with ``--per-direction``: every metric per model, direction and ``few_anomalies`` (mean ± std over seeds).
 
 Example:
@@ -93,6 +95,14 @@ def tables(frame: pd.DataFrame, per_direction: bool = False) -> str:
             if change.empty:
                 continue
             lines.append(f"| {model} | {level} − 0 | " + " | ".join(_pm(change[m]) for m in METRICS) + " |")
+    controls = [(m, b) for m in models for b in models if re.fullmatch(rf"{b.lower()}_seed_\d+", m.lower())]
+    for control, base_model in controls:  # a retrained copy (other training seed): training noise, same data
+        a = frame[frame["model"] == control].set_index([*keys, "few_anomalies"])
+        b = frame[frame["model"] == base_model].set_index([*keys, "few_anomalies"])
+        change = (a[list(METRICS)] - b[list(METRICS)]).dropna()
+        if not change.empty:
+            cells = " | ".join(_pm(change[m]) for m in METRICS)
+            lines.append(f"| {base_model} | `{control}` − {base_model} (training seed, same few_anomalies) | {cells} |")
     if per_direction:
         lines += [
             "",

@@ -38,3 +38,9 @@ def test_levels_and_paired_changes(tmp_path) -> None:
 def test_a_direction_without_its_level_is_named(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"_fa<n>: \['m2p'\]"):
         load_rows([_run(tmp_path / "run", [_row("m2p", 0, 0.7)])])
+
+
+def test_a_retrained_copy_gives_the_training_noise_row(tmp_path) -> None:
+    rows = [_row("m2p_fa0", 0, 0.70), _row("m2p_fa0", 0, 0.66, model="cgad_seed_1"), _row("m2p_fa4", 0, 0.75)]
+    text = tables(load_rows([_run(tmp_path / "run", rows)]))
+    assert "| CGAD | `cgad_seed_1` − CGAD (training seed, same few_anomalies) | -0.040 ± 0.000 |" in text
