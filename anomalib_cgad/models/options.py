@@ -35,6 +35,8 @@ __all__ = ["flat_argument_names", "option_groups", "plain_hyperparameters", "reg
 
 
 def _group_default(model_cls: type, name: str, parameter: inspect.Parameter, args: Mapping[str, Any]) -> Any:
+    """What a partial group is laid over: the model's ``group_default(name, args)`` when it has one and it
+    answers (a default that depends on another argument: ResAD's bank on its preset), else the declared one."""
     base = getattr(model_cls, "group_default", None)
     default = base(name, args) if base is not None else None
     return parameter.default if default is None else default
@@ -110,7 +112,8 @@ def regroup_arguments(model_cls: type, args: Mapping[str, Any], source: str = "a
                 continue  # 0.1's "None: the preset's" of a field that now always has a value (ResAD's bank)
             spread.setdefault(group, {})[field] = value
         else:
-            msg = f"{model_cls.__name__} has no argument '{name}'; its arguments: {sorted(parameters)[1:]}."
+            names = sorted(parameter for parameter in parameters if parameter != "self")
+            msg = f"{model_cls.__name__} has no argument '{name}'; its arguments: {names}."
             raise ValueError(msg)
     if legacy:
         logger.warning(

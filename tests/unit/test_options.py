@@ -67,7 +67,7 @@ def test_resads_flat_bank_names_start_from_its_preset() -> None:
 
 
 def test_unknown_arguments_and_fields_are_named() -> None:
-    with pytest.raises(ValueError, match=r"CGAD has no argument 'conditon_dim'; its arguments: \["):
+    with pytest.raises(ValueError, match=r"CGAD has no argument 'conditon_dim'; its arguments: \['backbone', "):
         regroup_arguments(CGAD, {"conditon_dim": 8})
     with pytest.raises(ValueError, match=r"CGAD's flow \(FlowOptions\) has no \['blocks'\]; it has"):
         regroup_arguments(CGAD, {"flow": {"blocks": 2}})
