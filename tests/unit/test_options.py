@@ -73,6 +73,8 @@ def test_unknown_arguments_and_fields_are_named() -> None:
         regroup_arguments(CGAD, {"flow": {"blocks": 2}})
     with pytest.raises(ValueError, match="CGAD has no options group 'flows'; its groups:"):
         regroup_arguments(CGAD, {"flows.coupling_blocks": 2})
+    with pytest.raises(ValueError, match=r"occ must be one of \('paper', 'log_barrier'\), got 'huber'"):
+        regroup_arguments(ResAD, {"overrides": {"occ": "huber"}})
     with pytest.raises(ValueError, match="anomalies_per_class must be >= 0"):
         regroup_arguments(MetaAD, {"episodes": {"anomalies_per_class": -1}})
 

@@ -52,6 +52,10 @@ from anomalib_cgad.validation import check_choice, check_count
 
 logger = logging.getLogger(__name__)
 
+OCC_LOSSES = ("paper", "log_barrier")
+FLOW_LOSSES = ("paper", "official")
+SCORES = ("likelihood", "merged")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "matching": "l2",
@@ -89,6 +93,11 @@ class PresetOverrides:
     flow_loss: str | None = None
     score: str | None = None
     fdm: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name, choices in (("occ", OCC_LOSSES), ("flow_loss", FLOW_LOSSES), ("score", SCORES)):
+            if getattr(self, name) is not None:
+                check_choice(name, getattr(self, name), choices)
 
 
 @dataclass(frozen=True)
