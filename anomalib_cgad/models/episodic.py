@@ -80,9 +80,7 @@ class EpisodeOptions:
             check_count("k_choices", k)
         check_choice("direction", self.direction, DIRECTIONS)
         check_choice("margin", self.margin, MARGINS)
-        if self.anomalies_per_class < 0:
-            msg = f"anomalies_per_class must be >= 0, got {self.anomalies_per_class}."
-            raise ValueError(msg)
+        check_count("anomalies_per_class", self.anomalies_per_class, minimum=0)
         if self.epoch_classes is not None:
             check_count("epoch_classes", self.epoch_classes)
 

@@ -74,9 +74,7 @@ class CGADTraining:
     normalise_by_references: bool = False
 
     def __post_init__(self) -> None:
-        if self.inner_anomalies < 0:
-            msg = f"inner_anomalies must be >= 0, got {self.inner_anomalies}."
-            raise ValueError(msg)
+        check_count("inner_anomalies", self.inner_anomalies, minimum=0)
 
 
 class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
