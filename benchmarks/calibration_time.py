@@ -32,6 +32,7 @@ import torch
 
 from anomalib_cgad.components.operating_point import CALIBRATION_NORMALS, normalised_normal_scores
 from anomalib_cgad.deploy.inferencer import leave_one_out_sets, reference_statistics
+from benchmarks.config import build_module
 
 
 @torch.no_grad()
@@ -63,8 +64,7 @@ def per_draw_scores(model, normals: dict, k: int, transform, draws: int, seed: i
 def _model(name: str, image_size: int):
     from anomalib.models import get_model
 
-    cls = type(get_model(name))
-    module = cls(pre_processor=cls.configure_pre_processor((image_size, image_size)), visualizer=False)
+    module = build_module(type(get_model(name)), (image_size, image_size))
     return module.model.eval(), module.pre_processor.transform
 
 

@@ -104,6 +104,21 @@ def resolve_model(name: str, config: dict) -> tuple[str, dict, int | None]:
     return name, dict(config.get("model_args", {}).get(name, {})), config.get("epochs")
 
 
+def build_module(
+    cls: type, image_size: tuple[int, int], options: dict | None = None, source: str = "arguments", **fixed: Any
+):
+    """A fresh ``cls`` at ``image_size`` (its own pre-processor, visualizer off), with protocol-style ``options``.
+
+    ``options`` may hold options groups as (partial) mappings, dotted names or 0.1's flat names
+    (:func:`~anomalib_cgad.models.options.regroup_arguments`; ``source`` names them in its warning); ``fixed``
+    are the caller's own arguments (e.g. ``k_shot``).
+    """
+    from anomalib_cgad.models.options import regroup_arguments
+
+    options = regroup_arguments(cls, options or {}, source=source)
+    return cls(pre_processor=cls.configure_pre_processor(image_size), visualizer=False, **fixed, **options)
+
+
 def describe(value: Any) -> str:  # pragma: no cover - convenience for the CLI
     """Short YAML text of a configuration."""
     return yaml.safe_dump(value, sort_keys=False)

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from anomalib_cgad.versioning import next_version_folder
+from benchmarks.config import build_module
 
 MODELS = ("CGAD", "ResAD", "MetaAD")
 
@@ -127,14 +128,9 @@ def _export_backbone(backbone: torch.nn.Module, size: int, xml: Path) -> None:
 def build_model(name: str, size: int, k: int, seed: int, options: dict | None = None):
     """An untrained ``name`` at ``size`` px (with constructor ``options``) holding a bank of ``k`` random images."""
     import anomalib_cgad
-    from anomalib_cgad.models.options import regroup_arguments
 
-    model_cls = getattr(anomalib_cgad, name)
     torch.manual_seed(seed)
-    options = regroup_arguments(model_cls, options or {}, source="--set / --compare")
-    model = model_cls(
-        pre_processor=model_cls.configure_pre_processor((size, size)), visualizer=False, k_shot=k, **options
-    )
+    model = build_module(getattr(anomalib_cgad, name), (size, size), options, "--set / --compare", k_shot=k)
     model.eval()
     model.set_references(torch.rand(k, 3, size, size))
     return model

@@ -33,6 +33,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from benchmarks.config import build_module
+
 
 @contextlib.contextmanager
 def _timer(row: dict):
@@ -47,8 +49,7 @@ def _model(name: str, image_size: int):
 
     if name == "Padim":  # untrained backbone weights: timm cannot download them here, and time does not care
         return Padim(backbone="resnet18", pre_trained=False, visualizer=False)
-    cls = type(get_model(name))
-    return cls(pre_processor=cls.configure_pre_processor((image_size, image_size)), visualizer=False)
+    return build_module(type(get_model(name)), (image_size, image_size))
 
 
 def _fit(name: str, data: Path, work: Path, image_size: int):

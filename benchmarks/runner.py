@@ -38,7 +38,6 @@ from pathlib import Path
 import yaml
 from lightning.pytorch import seed_everything
 
-from anomalib_cgad.models.options import regroup_arguments
 from anomalib_cgad.versioning import next_version_folder
 from benchmarks.collection import OVERLAYS_PER_CLASS, MemoryMonitor, ScoreCollector
 from benchmarks.config import (
@@ -47,6 +46,7 @@ from benchmarks.config import (
     OURS,
     PEERS,
     PRESETS,
+    build_module,
     describe,
     load_config,
     resolve_model,
@@ -122,8 +122,7 @@ def build_ours(name: str, config: dict, k: int):
 
         cls = getattr(anomalib_cgad, name)
     options.setdefault("false_alarm_rate", float(config.get("false_alarm_rate", 0.05)))
-    options = regroup_arguments(cls, options, source=f"the protocol's arguments for '{name}'")
-    return cls(pre_processor=cls.configure_pre_processor(size), k_shot=k, visualizer=False, **options)
+    return build_module(cls, size, options, f"the protocol's arguments for '{name}'", k_shot=k)
 
 
 def _engine(folder: Path, collector: ScoreCollector, **kwargs):

@@ -39,6 +39,8 @@ import pandas as pd
 import torch
 from lightning.pytorch import Callback
 
+from benchmarks.config import build_module
+
 FAMILIES = ("stripes", "dots", "checker", "washer")
 TARGET = "waves"
 """The unseen class every fit is validated against is never a source: a fit's cost, not its accuracy, is timed."""
@@ -117,13 +119,10 @@ def fit_once(model_name: str, options: dict, classes: list[str], data: Path, wor
     from lightning.pytorch import seed_everything
 
     from anomalib_cgad.data import CrossClass
-    from anomalib_cgad.models.options import regroup_arguments
 
     seed_everything(0, workers=True)
-    cls = type(get_model(model_name))
     size = (args.image_size, args.image_size)
-    options = regroup_arguments(cls, options, source="the timed model's arguments")
-    model = cls(pre_processor=cls.configure_pre_processor(size), visualizer=False, **options)
+    model = build_module(type(get_model(model_name)), size, options, "the timed model's arguments")
     datamodule = CrossClass(
         source_dataset="MVTecAD", source_root=str(data), source_categories=classes, target_categories=[TARGET],
         k_shot=args.k_shot, train_batch_size=args.batch_size, eval_batch_size=args.batch_size,
