@@ -77,7 +77,7 @@ FAR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 
 F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Metadata keys a bank must share with the model that uses it.
-COMPATIBILITY_KEYS = ("format", "model", "fingerprint", "backbone", "layers", "channels", "image_size")
+COMPATIBILITY_KEYS = ("format", "model", "fingerprint", "backbone", "layers", "channels", "image_size", "adaptation")
 # bank_metadata.json key naming anomalib's IR written in the same export (file name + digest of .xml and .bin).
 IR_KEY = "anomalib_ir"
 

@@ -80,3 +80,44 @@ def test_inner_anomalies_add_bg_spp_to_the_inner_level(cross_class, tmp_path) ->
     assert len(boundaries) == 2 and all(b is not None and math.isfinite(b) for b in boundaries)
     flow = {name: p for name, p in trained[0].model.flow.named_parameters()}
     assert any(not torch.equal(flow[name], p) for name, p in trained[2].model.flow.named_parameters())
+
+
+def test_class_adaptation_is_part_of_the_bank_and_meta_scale_is_learned(cross_class, tmp_path) -> None:
+    """``adaptation``: the references' channel scales travel in the bank (saved, reloaded, refused when the
+    model has none), and ``meta_scale``'s ``α``, ``β`` are moved by the outer level only."""
+    with pytest.raises(ValueError, match="adaptation must be one of"):
+        CGADTraining(adaptation="per_class")
+    datamodule = cross_class()
+    seed_everything(0)
+    model = small_model(
+        CGAD, training={"adaptation": "meta_scale", "synthetic_per_class": 4}, flow={"coupling_blocks": 2}
+    )
+    cpu_engine(tmp_path, 1).fit(model=model, datamodule=datamodule)
+    exponents = torch.cat(list(model.model.scale_exponent))
+    offsets = torch.cat(list(model.model.scale_offset))
+    assert model.outer_steps > 0
+    assert not torch.equal(exponents, torch.ones_like(exponents))
+    assert not torch.equal(offsets, torch.zeros_like(offsets))
+
+    model.eval()
+    refs = datamodule.reference_images("test", 0)
+    model.set_references(refs)
+    images = model.pre_processor.transform(torch.stack([datamodule.test_data[i].image for i in range(4)]))
+    with torch.no_grad():
+        expected = model.model(images).pred_score
+    scales = model.model.bank_tensors()[2:4]
+    assert [tuple(s.shape) for s in scales] == [(c,) for c in model.model.backbone.channels]
+    assert all(bool((s > 0).all()) for s in scales)
+    path = model.save_bank(tmp_path / "adapted.npz")
+    model.model.set_bank_tensors([*model.model.bank.tensors(), *[torch.ones_like(s) for s in scales],
+                                  model.model.scale])  # fmt: skip
+    model.load_bank(path)
+    with torch.no_grad():
+        assert torch.allclose(model.model(images).pred_score, expected)
+
+    from anomalib_cgad.deploy import BankError
+
+    plain = small_model(CGAD, flow={"coupling_blocks": 2}).eval()
+    plain.set_references(refs)
+    with pytest.raises(BankError, match="adaptation: bank has 'meta_scale', model has 'none'"):
+        plain.load_bank(path)

@@ -365,6 +365,21 @@ def test_parity_resad_and_metaad(model_cls, synthetic_root, tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_parity_cgad_with_class_adaptation(synthetic_root, tmp_path) -> None:
+    """``meta_scale``: the references' channel scales are bank tensors the exported encoder computes, and the
+    bank graph applies them with the learned ``α``, ``β`` as torch does."""
+    torch.manual_seed(0)
+    training = {"adaptation": "meta_scale", "synthetic_per_class": 4}
+    model, _, xml = _train_and_export(CGAD, synthetic_root, tmp_path, flow={"coupling_blocks": 2}, training=training)
+    assert len(model.model.bank_tensors()) == 2 * len(model.model.backbone.channels) + 1
+    diffs = _parity(model, Path(xml).parent, synthetic_root)
+    assert diffs["bank"] <= TOLERANCE
+    assert diffs["pred_score"] <= TOLERANCE
+    assert diffs["anomaly_map"] <= TOLERANCE
+    assert diffs["label_flips"] == 0
+
+
+@pytest.mark.slow
 def test_anomalib_export_cli_from_a_checkpoint(synthetic_root, tmp_path) -> None:
     """``anomalib export --model CGAD --export_type openvino --ckpt_path ...`` (subprocess, the real CLI)."""
     datamodule = CrossClass(

@@ -33,11 +33,13 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
 from anomalib_cgad.components.confidence_margin import BoundedTemperature
-from anomalib_cgad.components.flow import FlowOptions
-from anomalib_cgad.components.reference_bank import BankOptions, best_index, flatten_patches
+from anomalib_cgad.components.reference_bank import best_index, flatten_patches
 from anomalib_cgad.models.resad.torch_model import LevelOutputs, ResADModel
+from anomalib_cgad.validation import check_choice
+
+ADAPTATIONS = ("none", "reference_scale", "level_scale", "meta_scale")
+"""How the residuals adapt to a class's reference set (:class:`CGADModel`'s ``adaptation``)."""
 
 
 def leave_one_out_residuals(features: Sequence[torch.Tensor], matching: str, residual: str) -> list[torch.Tensor]:
@@ -67,22 +69,34 @@ def leave_one_out_residuals(features: Sequence[torch.Tensor], matching: str, res
     return out
 
 
+def reference_channel_scales(loo_residuals: Sequence[torch.Tensor], pooled: bool = False) -> list[torch.Tensor]:
+    """Per level, the ``(C_l,)`` mean magnitude of each channel of the references' leave-one-out residuals.
+
+    This is the class descriptor of the ``adaptation`` option: how far normal patches of *this* class lie from
+    their nearest other reference, channel by channel, computed from its k references alone. ``pooled``: one
+    mean over all channels of the level, repeated ``C_l`` times (``"level_scale"``).
+    """
+    scales = [residual.abs().mean(dim=(0, 2, 3)).clamp(min=1e-6) for residual in loo_residuals]
+    return [scale.mean().expand_as(scale).clone() for scale in scales] if pooled else scales
+
+
 class CGADModel(ResADModel):
     """CGAD torch model (a :class:`ResADModel` with a learned, reference-normalised decision).
 
     Args:
-        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
-            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
-        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
-        bank (BankOptions): matching, residual and coreset of the reference bank. Defaults to cosine matching,
-            squared residuals, every patch.
-        flow (FlowOptions): coupling blocks and positional-code length. Defaults to 8 blocks and a 16-long code
-            (:attr:`default_condition_dim`; ResAD: 128; measured, see the model README).
+        *resad_args, **resad_kwargs: :class:`ResADModel`'s ``backbone``, ``layers``, ``backbone_weights``,
+            ``bank``, ``flow``, ``sigma`` and ``codebook``, with its defaults, except that ``flow``'s code length
+            defaults to 16 (:attr:`default_condition_dim`; ResAD: 128; measured, see the model README). The
+            score head is CGAD's own (no ``score``).
         temperature_bounds (tuple[float, float]): bounds of the learned temperature. Defaults to ``(0.5, 10)``.
         learn_temperature (bool): learn T (else fixed at 1). Defaults to ``True``.
         normalise_by_references (bool): standardise scores by the references' leave-one-out map. Defaults to
             ``False`` (the learned ``b`` and ``T`` are the class-agnostic normalisation).
+        adaptation (str): how residuals adapt to the class's references before the constraintor. ``"none"``;
+            ``"reference_scale"``: each channel divided by its mean leave-one-out residual of the references
+            (:func:`reference_channel_scales`, part of the bank); ``"level_scale"``: every channel of a level
+            divided by that mean over the level's channels; ``"meta_scale"``: ``r · s^(−α) · e^β`` with
+            per-channel ``α`` (from 1) and ``β`` (from 0) learned by the outer level. Defaults to ``"none"``.
 
     Attributes:
         boundary (nn.Parameter): per-level ``b_l``.
@@ -95,20 +109,56 @@ class CGADModel(ResADModel):
 
     def __init__(
         self,
-        backbone: str = OFFLINE_BACKBONE,
-        layers: Sequence[int] | None = None,
-        backbone_weights: str | None = PRETRAINED,
-        bank: BankOptions = BankOptions(),
-        flow: FlowOptions = FlowOptions(),
+        *resad_args,
         temperature_bounds: tuple[float, float] = (0.5, 10.0),
         learn_temperature: bool = True,
         normalise_by_references: bool = False,
+        adaptation: str = "none",
+        **resad_kwargs,
     ) -> None:
-        super().__init__(backbone, layers, backbone_weights, bank, flow, score="likelihood")
-        self.boundary = nn.Parameter(torch.zeros(len(self.backbone.channels)))
+        super().__init__(*resad_args, score="likelihood", **resad_kwargs)
+        check_choice("adaptation", adaptation, ADAPTATIONS)
+        channels = self.backbone.channels
+        self.boundary = nn.Parameter(torch.zeros(len(channels)))
         self.temperature = BoundedTemperature(1.0, temperature_bounds, learn=learn_temperature)
         self.normalise_by_references = normalise_by_references
+        self.adaptation = adaptation
         self.register_buffer("scale", torch.tensor([0.0, 1.0]))
+        if adaptation != "none":
+            for level, c in enumerate(channels):
+                self.register_buffer(f"channel_scale_{level}", torch.ones(c))
+        self.scale_exponent = nn.ParameterList()
+        self.scale_offset = nn.ParameterList()
+        if adaptation == "meta_scale":
+            self.scale_exponent.extend(nn.Parameter(torch.ones(c)) for c in channels)
+            self.scale_offset.extend(nn.Parameter(torch.zeros(c)) for c in channels)
+
+    # ----------------------------------------------------------------- class adaptation
+    def _bank_scales(self) -> list[torch.Tensor]:
+        if self.adaptation == "none":
+            return []
+        return [getattr(self, f"channel_scale_{level}") for level in range(len(self.backbone.channels))]
+
+    def reference_scales(self, loo_residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The class descriptor this model's ``adaptation`` uses (:func:`reference_channel_scales`)."""
+        return reference_channel_scales(loo_residuals, pooled=self.adaptation == "level_scale")
+
+    def adaptation_parameters(self) -> list[nn.Parameter]:
+        """The meta-learned ``α``, ``β`` of ``"meta_scale"`` (tuned by the outer level; empty otherwise)."""
+        return [*self.scale_exponent, *self.scale_offset]
+
+    def adapt(self, residuals: Sequence[torch.Tensor], channel_scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Residuals of a class expressed relative to its references' channel scales (identity with ``"none"``)."""
+        if self.adaptation == "none":
+            return list(residuals)
+        out = []
+        for level, (residual, scale) in enumerate(zip(residuals, channel_scales, strict=True)):
+            if self.adaptation == "meta_scale":
+                factor = torch.exp(self.scale_offset[level] - self.scale_exponent[level] * torch.log(scale))
+            else:
+                factor = 1.0 / scale
+            out.append(residual * factor.reshape(1, -1, 1, 1))
+        return out
 
     def normality_logits(self, logps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``z_l = logp̄_l − b_l`` per level."""
@@ -121,33 +171,48 @@ class CGADModel(ResADModel):
         return [(-z / temperature).unsqueeze(1) for z in self.normality_logits(levels.logps)]
 
     def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
-        """Bank levels of the references plus ``scale = (μ, σ)`` of their leave-one-out maps (shape ``(2,)``)."""
+        """Bank levels of the references, their channel scales (with ``adaptation``) and ``scale = (μ, σ)`` of
+        their leave-one-out maps (shape ``(2,)``)."""
         levels = self.bank.build(features)
         residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
-        loo_map = self.anomaly_map(self.levels_from_residuals(residuals), size)
+        channel_scales = self.reference_scales(residuals) if self.adaptation != "none" else []
+        loo_map = self.anomaly_map(self.levels_from_residuals(self.adapt(residuals, channel_scales)), size)
         scale = torch.stack([loo_map.mean(), loo_map.std(unbiased=False).clamp(min=1e-6)])
-        return [*levels, scale]
+        return [*levels, *channel_scales, scale]
+
+    def bank_metadata(self) -> dict:
+        """ResAD's keys plus the class adaptation (its channel scales are bank tensors)."""
+        return {**super().bank_metadata(), "adaptation": self.adaptation}
+
+    def split_bank(self, tensors: Sequence[torch.Tensor]) -> tuple[list, list, torch.Tensor]:
+        """``(levels, channel scales, scale)`` of bank tensors in :meth:`bank_tensors` order."""
+        num_levels = self.bank.num_levels
+        *rest, scale = tensors
+        return list(rest[:num_levels]), list(rest[num_levels:]), scale
 
     def bank_tensors(self) -> list[torch.Tensor]:
-        """Bank levels followed by the score scale (the order of :meth:`compute_bank`)."""
-        return [*self.bank.tensors(), self.scale]
+        """Bank levels, channel scales (with ``adaptation``), then the score scale."""
+        return [*self.bank.tensors(), *self._bank_scales(), self.scale]
 
     def set_bank_tensors(self, tensors: Sequence[torch.Tensor], num_refs: int | None = None) -> None:
-        """Store bank levels and the score scale (the order of :meth:`bank_tensors`)."""
-        *levels, scale = tensors
-        self.bank.set_tensors(list(levels), num_refs=num_refs)
+        """Store bank levels, channel scales and the score scale (the order of :meth:`bank_tensors`)."""
+        levels, channel_scales, scale = self.split_bank(tensors)
+        self.bank.set_tensors(levels, num_refs=num_refs)
+        for level, channel_scale in enumerate(channel_scales):
+            setattr(self, f"channel_scale_{level}", channel_scale.reshape(-1).to(self.scale.device))
         self.scale = scale.reshape(-1).to(self.scale.device)
 
     def is_bank_state(self, name: str) -> bool:
-        """The bank levels and the score scale (both computed from the references)."""
-        return super().is_bank_state(name) or name == "scale"
+        """The bank levels, channel scales and the score scale (all computed from the references)."""
+        return super().is_bank_state(name) or name == "scale" or name.startswith("channel_scale_")
 
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
     ) -> InferenceBatch:
         """Scores and maps of backbone levels against explicit bank tensors (levels + scale)."""
-        *levels, scale = bank
-        anomaly_map = self.anomaly_map(self.level_outputs(features, levels), size)
+        levels, channel_scales, scale = self.split_bank(bank)
+        residuals = self.adapt(self.bank.residuals(features, levels), channel_scales)
+        anomaly_map = self.anomaly_map(self.levels_from_residuals(residuals), size)
         if self.normalise_by_references:
             anomaly_map = (anomaly_map - scale[0]) / scale[1]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)

@@ -1,0 +1,51 @@
+"""CGAD's class adaptation on the torch model: what ``reference_scale`` removes and what it keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_cgad.components.reference_bank import BankOptions
+from anomalib_cgad.models.cgad.torch_model import CGADModel, leave_one_out_residuals, reference_channel_scales
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _scores(model: CGADModel, refs: list[torch.Tensor], queries: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        bank = model.bank_from_features(refs, (64, 64))
+        return model.score_features(queries, bank, (64, 64)).pred_score
+
+
+@pytest.mark.parametrize("matching", ["cosine", "l2"])
+def test_reference_scale_removes_a_class_wide_feature_scale(matching: str) -> None:
+    """A class whose features are all ``c`` times larger (a brighter product, a stronger texture) gets the
+    same scores with ``reference_scale`` and ``level_scale``: its references' residuals grow by the same
+    factor. Without adaptation the scores move."""
+    torch.manual_seed(0)
+    refs = [torch.rand(3, 40, 8, 8), torch.rand(3, 112, 4, 4)]
+    queries = [torch.rand(2, 40, 8, 8), torch.rand(2, 112, 4, 4)]
+    scaled = lambda levels: [3.0 * level for level in levels]  # noqa: E731
+    results = {}
+    for adaptation in ("none", "reference_scale", "level_scale"):
+        torch.manual_seed(1)
+        model = CGADModel(backbone_weights=None, bank=BankOptions(matching=matching), adaptation=adaptation).eval()
+        results[adaptation] = (_scores(model, refs, queries), _scores(model, scaled(refs), scaled(queries)))
+    plain, plain_scaled = results["none"]
+    for adaptation in ("reference_scale", "level_scale"):
+        adapted, adapted_scaled = results[adaptation]
+        assert torch.allclose(adapted, adapted_scaled, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, plain_scaled, rtol=1e-2)
+
+
+def test_reference_channel_scales_are_the_mean_leave_one_out_residual_per_channel() -> None:
+    torch.manual_seed(0)
+    features = [torch.rand(4, 6, 5, 5)]
+    loo = leave_one_out_residuals(features, "l2", "sq_diff")
+    (scale,) = reference_channel_scales(loo)
+    assert scale.shape == (6,)
+    assert torch.allclose(scale, loo[0].mean(dim=(0, 2, 3)))
+    (pooled,) = reference_channel_scales(loo, pooled=True)
+    assert torch.allclose(pooled, torch.full((6,), float(loo[0].mean())))
+    with pytest.raises(ValueError, match="adaptation must be one of"):
+        CGADModel(backbone_weights=None, adaptation="film")
