@@ -78,6 +78,8 @@ F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Metadata keys a bank must share with the model that uses it.
 COMPATIBILITY_KEYS = ("format", "model", "fingerprint", "backbone", "layers", "channels", "image_size", "adaptation")
+# What a bank written before a key existed means by it: CGAD banks before class adaptation had none.
+IMPLIED_METADATA = {"adaptation": "none"}
 # bank_metadata.json key naming anomalib's IR written in the same export (file name + digest of .xml and .bin).
 IR_KEY = "anomalib_ir"
 
@@ -305,10 +307,11 @@ class Bank:
 
     def check(self, expected: dict, source: str = "the bank") -> None:
         """Raise :class:`BankError` naming every compatibility key where the bank differs from ``expected``."""
+        metadata = {**{key: value for key, value in IMPLIED_METADATA.items() if key in expected}, **self.metadata}
         problems = [
-            f"{key}: bank has {self.metadata.get(key)!r}, model has {expected[key]!r}"
+            f"{key}: bank has {metadata.get(key)!r}, model has {expected[key]!r}"
             for key in COMPATIBILITY_KEYS
-            if key in expected and key in self.metadata and _plain(self.metadata[key]) != _plain(expected[key])
+            if key in expected and key in metadata and _plain(metadata[key]) != _plain(expected[key])
         ]
         if problems:
             msg = f"{source} does not fit this model ({'; '.join(problems)}). Recompute it from the k images."

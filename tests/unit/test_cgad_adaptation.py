@@ -49,3 +49,18 @@ def test_reference_channel_scales_are_the_mean_leave_one_out_residual_per_channe
     assert torch.allclose(pooled, torch.full((6,), float(loo[0].mean())))
     with pytest.raises(ValueError, match="adaptation must be one of"):
         CGADModel(backbone_weights=None, adaptation="film")
+
+
+def test_a_bank_from_before_class_adaptation_counts_as_none() -> None:
+    """A CGAD bank written before banks carried ``adaptation`` has no channel scales: a model without
+    adaptation takes it, a model with one refuses it in one line (else its scales would silently stay 1)."""
+    import numpy as np
+
+    from anomalib_cgad.deploy.inferencer import Bank
+    from anomalib_cgad.errors import BankError
+
+    old = Bank([np.zeros((4, 2), np.float32)], {"model": "CGAD"})
+    old.check({"model": "CGAD", "adaptation": "none"})
+    Bank([np.zeros((4, 2), np.float32)], {"model": "ResAD"}).check({"model": "ResAD"})  # no key, not asked
+    with pytest.raises(BankError, match="adaptation: bank has 'none', model has 'meta_scale'"):
+        old.check({"model": "CGAD", "adaptation": "meta_scale"})
