@@ -116,8 +116,8 @@ class CGADModel(ResADModel):
         adaptation: str = "none",
         **resad_kwargs,
     ) -> None:
+        check_choice("adaptation", adaptation, ADAPTATIONS)  # before the backbone is built
         super().__init__(*resad_args, score="likelihood", **resad_kwargs)
-        check_choice("adaptation", adaptation, ADAPTATIONS)
         channels = self.backbone.channels
         self.boundary = nn.Parameter(torch.zeros(len(channels)))
         self.temperature = BoundedTemperature(1.0, temperature_bounds, learn=learn_temperature)
@@ -211,7 +211,7 @@ class CGADModel(ResADModel):
     ) -> InferenceBatch:
         """Scores and maps of backbone levels against explicit bank tensors (levels + scale)."""
         levels, channel_scales, scale = self.split_bank(bank)
-        residuals = self.adapt(self.bank.residuals(features, levels), channel_scales)
+        residuals = self.adapt(self.test_residuals(features, levels), channel_scales)
         anomaly_map = self.anomaly_map(self.levels_from_residuals(residuals), size)
         if self.normalise_by_references:
             anomaly_map = (anomaly_map - scale[0]) / scale[1]

@@ -2,7 +2,7 @@
 
 With a ``codebook`` (the ``official`` preset of the lightning module) the model also holds ResAD++'s residual
 codebook, and in eval mode every residual map is moved towards the codes by EFDM before the constraintor
-(:mod:`anomalib_cgad.components.distribution_matching`). This happens inside :meth:`ResADModel.level_outputs`,
+(:mod:`anomalib_cgad.components.distribution_matching`). This happens inside :meth:`ResADModel.test_residuals`,
 so ``forward``, ``forward_with_bank`` and the exported graphs all include it; training never applies it.
 
 Example:
@@ -142,16 +142,20 @@ class ResADModel(BankModel):
             for level, residual in enumerate(residuals)
         ]
 
-    def level_outputs(self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor]) -> LevelOutputs:
-        """The levels of backbone features against bank tensors (:class:`LevelOutputs`).
+    def test_residuals(self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-level residuals of backbone features against bank levels, as the constraintor sees them.
 
-        In eval mode, with a codebook, the returned residuals are the EFDM-matched ones that the constraintor
-        sees (training never applies EFDM, as in the released code).
+        In eval mode, with a codebook, they are the EFDM-matched ones (training never applies EFDM, as in the
+        released code).
         """
         residuals = self.bank.residuals(features, bank)
         if self.codebook is not None and not self.training:
             residuals = self.match_distribution(residuals)
-        return self.levels_from_residuals(residuals)
+        return residuals
+
+    def level_outputs(self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor]) -> LevelOutputs:
+        """The levels of backbone features against bank tensors (:class:`LevelOutputs`)."""
+        return self.levels_from_residuals(self.test_residuals(features, bank))
 
     def levels_from_residuals(self, residuals: Sequence[torch.Tensor]) -> LevelOutputs:
         """Constraintor and flow of per-level residual maps."""
