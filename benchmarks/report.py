@@ -327,8 +327,9 @@ def merge_runs(folders: list[Path], out: Path) -> Path:
     """One report from runs of the same protocol split over processes (e.g. ``--directions`` per process).
 
     Concatenates ``results.csv`` and ``speed.csv``, takes the first run's ``config.yaml`` with the union of
-    the runs' directions and models, copies the overlays and rewrites ``summary.md`` and the plots. The wall
-    time is the longest run's (they ran side by side). ``out`` must not exist (nothing is overwritten).
+    the runs' directions (each once, also when runs split by model) and models, copies the overlays and
+    rewrites ``summary.md`` and the plots. The wall time is the longest run's (they ran side by side).
+    ``out`` must not exist (nothing is overwritten).
     """
     import re
     import shutil
@@ -344,7 +345,12 @@ def merge_runs(folders: list[Path], out: Path) -> Path:
         raise FileExistsError(msg)
     configs = [yaml.safe_load((f / "config.yaml").read_text()) for f in folders]
     config = dict(configs[0])
-    config["directions"] = [d for c in configs for d in c["directions"]]
+    # runs split by model repeat the same directions: keep each direction once, in first-seen order
+    directions: dict[str, dict] = {}
+    for c in configs:
+        for d in c["directions"]:
+            directions.setdefault(d["name"], d)
+    config["directions"] = list(directions.values())
     config["models"] = list(dict.fromkeys(m for c in configs for m in c["models"]))
     rows = pd.concat([pd.read_csv(f / "results.csv") for f in folders], ignore_index=True)
     speed = [pd.read_csv(f / "speed.csv") for f in folders if (f / "speed.csv").is_file()]

@@ -9,6 +9,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_configure(config) -> None:
+    """In a pytest-xdist worker, torch gets this worker's share of the cores, not all of them.
+
+    Two workers with torch's default (a thread per core) each on a 2-core machine would run four threads on two
+    cores; one each keeps both cores busy without the threads fighting over them.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 SOURCES = ("stripes", "dots", "checker")
 TARGETS = ("waves",)
 

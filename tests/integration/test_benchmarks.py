@@ -353,3 +353,6 @@ def test_merge_joins_runs_split_by_direction_and_never_overwrites(tmp_path) -> N
     assert (out / "false_alarm_rate.png").stat().st_size > 0
     with pytest.raises(FileExistsError, match="Refusing to overwrite"):
         merge_runs(folders, out)
+    # runs split by model over the same directions: each direction once in the merged config
+    again = merge_runs([*folders, out], tmp_path / "merged_again")
+    assert [d["name"] for d in yaml.safe_load((again / "config.yaml").read_text())["directions"]] == ["to_a", "to_b"]
