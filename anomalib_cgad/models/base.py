@@ -27,6 +27,13 @@ Around them it
 
 Every name that used to live here (``ReferenceMixin``, ``load_images``, ``CHECKPOINT_KEY``, ...) is still
 importable from this module.
+
+The three constructors spell out the same common path (``backbone``, ``layers``, ``backbone_weights``,
+``k_shot``, ``few_shot_source``, ``false_alarm_rate``, ``seed`` and anomalib's four components) on purpose, as
+each of anomalib's own models spells out those four: jsonargparse builds ``--model.backbone`` and the other
+flags from each signature, and ``help(CGAD)`` shows them. Forwarding them through ``**kwargs`` would leave
+``help`` blind, and an options group would break ``--model.backbone``; so the repetition is the price of one CLI
+across the three models.
 """
 
 from __future__ import annotations
