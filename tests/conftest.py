@@ -20,7 +20,10 @@ def pytest_configure(config) -> None:
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        # the CLIs a test starts get the same count, so their sums add up in the same order as in-process runs
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 SOURCES = ("stripes", "dots", "checker")
 TARGETS = ("waves",)
