@@ -20,10 +20,11 @@ def pytest_configure(config) -> None:
     if workers > 1:
         import torch
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        # a count the user set wins; either way the in-process runs and the CLIs a test starts use the same one,
+        # so their sums add up in the same order (a checkpoint's CLI metrics are compared exactly)
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
         torch.set_num_threads(threads)
-        # the CLIs a test starts get the same count, so their sums add up in the same order as in-process runs
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 SOURCES = ("stripes", "dots", "checker")
 TARGETS = ("waves",)
