@@ -13,6 +13,14 @@ scale)`` choices on the same raw scores:
 - ``shrunk_std``: location as ``pixel_std``; scale = √(½·s² + ½·s₀²), the references' pixel std ``s`` pulled
   half-way (in variance) towards ``s₀``, the median pixel std of the source classes' calibration draws (k = 4
   references are few to estimate a spread from; the half-way weight is fixed, not fitted);
+- ``jackknife``: the leave-one-out scores come from banks of k − 1 references while the class is then scored
+  against all k, so their mean over-estimates a normal image's score by however much one more reference lowers
+  it, which differs between classes (a varied class gains more from a fifth cell than a uniform one).
+  Leave-two-out passes (each pair of references scored against a bank of the other k − 2) measure that drop per
+  class, ``d = m₂ − m₁``, and the location is extrapolated to a bank of k: ``m₁ − c·d`` with
+  ``c = (k − 2) / k``, the ratio a ``1/n`` decrease of the score with the bank size ``n`` gives (0.5 at
+  k = 4; fixed by that model, not fitted); scale as ``pixel_std``;
+- ``jackknife_shift``: the ``jackknife`` location with scale 1;
 - ``learned``: the threshold itself is predicted from statistics of the reference set, by a map fitted on the
   source classes' calibration episodes (a source class plays the new product: k references drawn from its
   normal training images, its other normals scored). Per episode the statistics ``x = (m, s, d)``: the mean
@@ -21,6 +29,15 @@ scale)`` choices on the same raw scores:
   rate, a ridge regression ``q − m = b₀ + b·z(x)`` on the statistics standardised over the source episodes
   (``z``), intercept unpenalised, penalty ``alpha = 1`` on ``|b|²`` (fixed before any target was seen). The
   unseen class's threshold is ``m + b₀ + b·z(x)`` of its k references (:func:`fit_threshold_map`).
+
+Beside the variants, an ``ideal`` row per draw: the threshold at the ``1 − rate`` quantile of the unseen class's
+own normal test scores, the best any rule that sees only normal images can do at that rate, with the oracle F1
+(best threshold on the test labels) beside it.
+
+``--tails FILE`` also writes, per reference draw, where the shipped rule's threshold falls against the unseen
+class's normal test scores (its ``(location, scale)``, the LOO scores, ``tau`` and the quantiles of the
+normalised test normals beside the pooled calibration's), and ``FILE`` with ``.png`` for ``.csv``: the normal
+test images the shipped rule flags at 0.05 in every draw (:func:`tail_row`, :func:`save_flagged_normals`).
 
 ``--source-check FILE`` also writes a leave-one-source-class-out check of ``pixel_std`` and ``learned`` (fitted on
 all source classes but one, achieved rate on the left-out one's calibration episodes; :func:`source_check`).
@@ -33,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -43,7 +61,7 @@ from anomalib_cgad.components.operating_point import collect_normals, encode
 from anomalib_cgad.deploy.inferencer import FAR_GRID, calibrated_tau, leave_one_out_sets, normal_quantiles
 
 RATES = (0.01, 0.05, 0.1)
-VARIANTS = ("pixel_std", "image_std", "shift", "global", "shrunk_std")
+VARIANTS = ("pixel_std", "image_std", "shift", "global", "shrunk_std", "jackknife", "jackknife_shift")
 LEARNED_ALPHA = 1.0  # ridge penalty of the learned map on standardised statistics (fixed, not tuned)
 
 
@@ -102,10 +120,45 @@ def loo_parts(model, images: torch.Tensor, transform, features=None) -> tuple[np
     return np.array(scores), float(np.concatenate(pixels).std())
 
 
-def normalisation(variant: str, scores: np.ndarray, pixel_std: float, prior_std: float = 1.0) -> tuple[float, float]:
-    """``(location, scale)`` of a class under ``variant`` (``prior_std``: the source draws' median pixel std)."""
+@torch.no_grad()
+def leave_two_out_mean(model, features, size) -> float:
+    """Mean image score of each pair of references against a bank of the other k − 2 (NaN when k < 3)."""
+    k = len(features[0])
+    if k < 3:
+        return float("nan")
+    scores = []
+    for first in range(k):
+        for second in range(first + 1, k):
+            held = [first, second]
+            others = [i for i in range(k) if i not in held]
+            bank = model.bank_from_features([f[others] for f in features], size)
+            scores.append(model.score_features([f[held] for f in features], bank, size).pred_score.reshape(-1))
+    return float(torch.cat(scores).mean())
+
+
+def jackknife_location(scores: np.ndarray, l2o_mean: float) -> float:
+    """The mean LOO score extrapolated from banks of k − 1 to k references (``m₁ − (k − 2)/k · (m₂ − m₁)``).
+
+    Example:
+        >>> jackknife_location(np.array([1.0, 1.0, 1.0, 1.0]), 1.5)  # k = 4: half the drop from k − 2 to k − 1
+        0.75
+    """
+    k, m1 = len(scores), float(scores.mean())
+    if not np.isfinite(l2o_mean):
+        return m1
+    return m1 - (k - 2) / k * (l2o_mean - m1)
+
+
+def normalisation(
+    variant: str, scores: np.ndarray, pixel_std: float, prior_std: float = 1.0, l2o_mean: float = float("nan")
+) -> tuple[float, float]:
+    """``(location, scale)`` of a class under ``variant`` (``prior_std``: the source draws' median pixel std;
+    ``l2o_mean``: the mean leave-two-out score, for the ``jackknife`` variants)."""
     if variant == "global":
         return 0.0, 1.0
+    if variant.startswith("jackknife"):
+        location = jackknife_location(scores, l2o_mean)
+        return location, (max(pixel_std, 1e-6) if variant == "jackknife" else 1.0)
     location = float(scores.mean())
     if variant == "pixel_std":
         return location, max(pixel_std, 1e-6)
@@ -125,7 +178,7 @@ def source_check(calibration: list, classes: list[str]) -> list[dict]:
     rows, names = [], np.array(classes)
     if len(set(classes)) < 2:
         return rows
-    stats = np.stack([reference_statistics(loo, std) for loo, std, _ in calibration])
+    stats = np.stack([reference_statistics(draw[0], draw[1]) for draw in calibration])
     for held in dict.fromkeys(classes):
         fit, test = np.flatnonzero(names != held), np.flatnonzero(names == held)
         pooled = np.concatenate([(calibration[i][2] - stats[i, 0]) / max(stats[i, 1], 1e-6) for i in fit])
@@ -140,6 +193,40 @@ def source_check(calibration: list, classes: list[str]) -> list[dict]:
                 row[f"{variant}_false_alarm_rate_at_{rate:g}"] = float(np.mean(achieved))
         rows.append(row)
     return rows
+
+
+TAIL_LEVELS = (0.5, 0.9, 0.95, 0.99)
+
+
+def tail_row(raw, truth, loo, pixel_std, pooled, taus) -> dict:
+    """Where the shipped (``pixel_std``) threshold falls for one reference draw of the unseen class.
+
+    ``pooled``: the calibration's pooled normalised source normals, ``taus``: their quantiles on ``FAR_GRID``.
+    """
+    location, scale = normalisation("pixel_std", loo, pixel_std)
+    z = (np.asarray(raw) - location) / scale
+    normal = np.asarray(truth) == 0
+    row = {"location": location, "scale": scale, "loo_scores": " ".join(f"{v:.3f}" for v in loo)}
+    row |= {f"tau_at_{rate:g}": calibrated_tau(FAR_GRID, taus, rate) for rate in RATES}
+    for level in TAIL_LEVELS:
+        row[f"target_normal_z_q{level:g}"] = float(np.quantile(z[normal], level))
+        row[f"source_normal_z_q{level:g}"] = float(np.quantile(pooled, level))
+    row["target_anomalous_z_median"] = float(np.median(z[~normal])) if (~normal).any() else float("nan")
+    return row
+
+
+def save_flagged_normals(flags: dict[str, int], draws: int, path: Path, most: int = 8) -> int:
+    """A row of the normal test images flagged in every one of ``draws`` draws (at most ``most``); their count."""
+    from PIL import Image
+
+    always = sorted(name for name, count in flags.items() if count == draws)
+    if always:
+        tiles = [Image.open(name).convert("L").resize((128, 128)) for name in always[:most]]
+        sheet = Image.new("L", (128 * len(tiles), 128))
+        for column, tile in enumerate(tiles):
+            sheet.paste(tile, (128 * column, 0))
+        sheet.save(path)
+    return len(always)
 
 
 @torch.no_grad()
@@ -168,7 +255,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     module = getattr(anomalib_cgad, args.model).load_from_checkpoint(args.checkpoint).eval()
     model, transform = module.model.eval(), module.pre_processor.transform
     generator = torch.Generator().manual_seed(0)
-    calibration = []  # (LOO scores, pixel std, held-out raw scores) per draw
+    calibration = []  # (LOO scores, pixel std, held-out raw scores, leave-two-out mean) per draw
     # generated presets: the same classes the benchmark run trained on (same generator settings and seed)
     root = generate_data(config, direction, Path(tempfile.mkdtemp(prefix="op_ablation_")))
     dm = make_datamodule(config, direction, args.k, args.seeds[0], "test", root)
@@ -181,15 +268,16 @@ def run(args: argparse.Namespace) -> list[dict]:
             ref_features = [f[refs] for f in features]
             loo, pixel_std = loo_parts(model, images[refs], transform, ref_features)
             bank = model.bank_from_features(ref_features, size)
-            calibration.append((loo, pixel_std, score(model, [f[held_out] for f in features], bank, size)))
+            held_scores = score(model, [f[held_out] for f in features], bank, size)
+            calibration.append((loo, pixel_std, held_scores, leave_two_out_mean(model, ref_features, size)))
             classes.append(name)
-    prior_std = float(np.median([draw_std for _, draw_std, _ in calibration]))
+    prior_std = float(np.median([draw[1] for draw in calibration]))
     # learned: one map per rate from the source episodes' reference statistics to their held-out quantile
-    episode_stats = np.stack([reference_statistics(draw_loo, draw_std) for draw_loo, draw_std, _ in calibration])
+    episode_stats = np.stack([reference_statistics(draw[0], draw[1]) for draw in calibration])
     threshold_maps = {
         rate: fit_threshold_map(
             episode_stats,
-            np.array([np.quantile(held, 1.0 - rate) for _, _, held in calibration]) - episode_stats[:, 0],
+            np.array([np.quantile(draw[2], 1.0 - rate) for draw in calibration]) - episode_stats[:, 0],
         )
         for rate in RATES
     }
@@ -201,24 +289,43 @@ def run(args: argparse.Namespace) -> list[dict]:
         pd.DataFrame(source_check(calibration, classes)).assign(model=args.model, direction=args.direction).to_csv(
             args.source_check, index=False
         )
-    rows = []
+    rows, tails, flags = [], [], {}
     for seed in args.seeds:
         dm = make_datamodule(config, direction, args.k, seed, "test", root)
         test = dm.test_data
+        paths = [str(name) for name in test.samples.image_path]
         images = torch.stack([test[i].image for i in range(len(test))])
         truth = torch.tensor([int(test[i].gt_label) for i in range(len(test))])
         refs = dm.reference_images("test", 0)
         size = transform(refs[:1]).shape[-2:]
         raw = score(model, encode(model, images, transform), model.compute_bank(transform(refs)), size)
-        loo, pixel_std = loo_parts(model, refs, transform)
+        ref_features = encode(model, refs, transform)
+        loo, pixel_std = loo_parts(model, refs, transform, ref_features)
+        l2o = leave_two_out_mean(model, ref_features, size)
+        normal_raw = raw[(truth == 0).numpy()]
+        # the ceiling of any normal-only rule: the threshold at the requested quantile of the test normals
+        row = {"model": args.model, "direction": args.direction, "variant": "ideal", "seed": seed}
+        for rate in RATES:
+            predicted = torch.from_numpy(raw > np.quantile(normal_raw, 1.0 - rate))
+            row[f"false_alarm_rate_at_{rate:g}"] = float(predicted[truth == 0].float().mean())
+            row[f"F1_at_{rate:g}"] = f1_score(predicted, truth)
+        row["F1_oracle"] = max(f1_score(torch.from_numpy(raw >= t), truth) for t in np.unique(raw))
+        rows.append(row)
+        print(row, flush=True)
         for variant in VARIANTS:
             pooled = []
-            for draw_loo, draw_std, held_out_scores in calibration:
-                draw_location, draw_scale = normalisation(variant, draw_loo, draw_std, prior_std)
+            for draw_loo, draw_std, held_out_scores, draw_l2o in calibration:
+                draw_location, draw_scale = normalisation(variant, draw_loo, draw_std, prior_std, draw_l2o)
                 pooled.append((held_out_scores - draw_location) / draw_scale)
             pooled = np.concatenate(pooled)
             taus = normal_quantiles(pooled, FAR_GRID)
-            location, scale = normalisation(variant, loo, pixel_std, prior_std)
+            location, scale = normalisation(variant, loo, pixel_std, prior_std, l2o)
+            if variant == "pixel_std":
+                tail = tail_row(raw, truth, loo, pixel_std, pooled, taus)
+                tails.append({"direction": args.direction, "seed": seed} | tail)
+                flagged = raw > location + scale * calibrated_tau(FAR_GRID, taus, 0.05)
+                for name, label, flag in zip(paths, truth.tolist(), flagged.tolist(), strict=True):
+                    flags[name] = flags.get(name, 0) + int(label == 0 and flag)
             row = {"model": args.model, "direction": args.direction, "variant": variant, "seed": seed}
             for rate in RATES:
                 predicted = torch.from_numpy(raw > location + scale * calibrated_tau(FAR_GRID, taus, rate))
@@ -235,14 +342,59 @@ def run(args: argparse.Namespace) -> list[dict]:
             row[f"F1_at_{rate:g}"] = f1_score(predicted, truth)
         rows.append(row)
         print(row, flush=True)
+    if getattr(args, "tails", None) is not None:
+        import pandas as pd
+
+        image = args.tails.with_suffix(".png")
+        always = save_flagged_normals(flags, len(args.seeds), image)
+        frame = pd.DataFrame(tails).assign(normals_flagged_in_every_draw=always)
+        frame.to_csv(args.tails, index=False)
+        print(
+            f"{always} normal test images flagged at 0.05 in every draw; {args.tails}"
+            + (f", {image}" if always else "")
+        )
     return rows
 
 
-def main() -> None:  # pragma: no cover - command line
-    """Parse the arguments, run, write the CSV (never overwriting)."""
+def summarise(paths: list[Path]):
+    """One row per (protocol, variant) of the ablation CSVs: mean achieved rate and F1 at each requested rate,
+    the worst draw's F1 at 0.05 and, for ``ideal``, the oracle F1 (generated directions ``to_*`` pooled).
+
+    Example:
+        >>> import pandas as pd, tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "cgad_to_a.csv"
+        >>> pd.DataFrame({"direction": ["to_a", "to_a"], "variant": ["pixel_std"] * 2, "F1_at_0.05": [0.5, 0.7],
+        ...               "false_alarm_rate_at_0.05": [0.0, 0.1]}).to_csv(path, index=False)
+        >>> summarise([path])[["protocol", "variant", "F1_at_0.05", "worst_F1_at_0.05", "rows"]].values.tolist()
+        [['generated', 'pixel_std', 0.6, 0.5, 2]]
+    """
     import pandas as pd
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.operating_point_ablation")
+    frame = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+    frame["protocol"] = frame["direction"].map(lambda name: "generated" if name.startswith("to_") else name)
+    columns = [c for c in frame.columns if c.startswith(("false_alarm_rate_at_", "F1_at_", "F1_oracle"))]
+    groups = frame.groupby(["protocol", "variant"], sort=False)
+    summary = groups[columns].mean().round(4)
+    summary["worst_F1_at_0.05"] = groups["F1_at_0.05"].min().round(4)
+    summary["rows"] = groups.size()
+    return summary.reset_index()
+
+
+def main() -> None:  # pragma: no cover - command line
+    """Parse the arguments, run, write the CSV (never overwriting); or ``--summarise DIR``."""
+    import pandas as pd
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarise":
+        folder = Path(sys.argv[2])
+        table = summarise(sorted(folder.glob("cgad_*.csv")))
+        table.to_csv(folder / "summary.csv", index=False)
+        (folder / "summary.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
+        print(table.to_string(index=False))
+        return
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.operating_point_ablation",
+        epilog="--summarise DIR: summary.csv/.md of DIR/cgad_*.csv",
+    )
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--model", default="CGAD")
     parser.add_argument("--preset", default="elpv_operating_point")
@@ -253,6 +405,7 @@ def main() -> None:  # pragma: no cover - command line
     parser.add_argument("--normals", type=int, default=40)
     parser.add_argument("--max-eval-per-class", type=int, default=150, help="as the benchmark run")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--tails", type=Path, help="CSV of where the shipped threshold falls, per draw (optional)")
     parser.add_argument("--source-check", type=Path, help="CSV of the leave-one-source-class-out check (optional)")
     args = parser.parse_args()
     if args.out.exists():
