@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +58,7 @@ import torch
 
 from anomalib_cgad.components.operating_point import collect_normals, encode
 from anomalib_cgad.deploy.inferencer import FAR_GRID, calibrated_tau, leave_one_out_sets, normal_quantiles
+from benchmarks.rescoring import checkpoint_parser, load_direction, write_rows
 
 RATES = (0.01, 0.05, 0.1)
 VARIANTS = ("pixel_std", "image_std", "shift", "global", "shrunk_std", "jackknife", "jackknife_shift")
@@ -243,21 +243,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     The data are the benchmark's (``benchmarks.data.make_datamodule`` of the preset's direction: the same
     references and the same fixed test subsample); the calibration uses ``--draws`` draws of ``--normals`` images.
     """
-    import anomalib_cgad
-    from benchmarks.config import load_config
-    from benchmarks.data import generate_data, make_datamodule
+    from benchmarks.data import make_datamodule
     from benchmarks.metrics import f1_score
 
     torch.set_num_threads(1)
-    config = load_config(preset=args.preset)
-    config["max_eval_per_class"] = args.max_eval_per_class
-    direction = next(d for d in config["directions"] if d["name"] == args.direction)
-    module = getattr(anomalib_cgad, args.model).load_from_checkpoint(args.checkpoint).eval()
-    model, transform = module.model.eval(), module.pre_processor.transform
+    config, direction, _, model, transform, root = load_direction(args, "op_ablation_")
     generator = torch.Generator().manual_seed(0)
     calibration = []  # (LOO scores, pixel std, held-out raw scores, leave-two-out mean) per draw
-    # generated presets: the same classes the benchmark run trained on (same generator settings and seed)
-    root = generate_data(config, direction, Path(tempfile.mkdtemp(prefix="op_ablation_")))
     dm = make_datamodule(config, direction, args.k, args.seeds[0], "test", root)
     classes = []  # the source class of each calibration draw (for the leave-one-source-class-out check)
     for name, images in collect_normals(dm.train_data, dm.category_of, limit=args.normals).items():
@@ -382,7 +374,6 @@ def summarise(paths: list[Path]):
 
 def main() -> None:  # pragma: no cover - command line
     """Parse the arguments, run, write the CSV (never overwriting); or ``--summarise DIR``."""
-    import pandas as pd
 
     if len(sys.argv) == 3 and sys.argv[1] == "--summarise":
         folder = Path(sys.argv[2])
@@ -391,28 +382,16 @@ def main() -> None:  # pragma: no cover - command line
         (folder / "summary.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
         print(table.to_string(index=False))
         return
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.operating_point_ablation",
+    parser = checkpoint_parser(
+        "python -m benchmarks.operating_point_ablation",
+        max_eval_per_class=150,
         epilog="--summarise DIR: summary.csv/.md of DIR/cgad_*.csv",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--model", default="CGAD")
-    parser.add_argument("--preset", default="elpv_operating_point")
-    parser.add_argument("--direction", required=True, help="a direction of the preset, e.g. mono_to_poly")
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--draws", type=int, default=16)
     parser.add_argument("--normals", type=int, default=40)
-    parser.add_argument("--max-eval-per-class", type=int, default=150, help="as the benchmark run")
-    parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--tails", type=Path, help="CSV of where the shipped threshold falls, per draw (optional)")
     parser.add_argument("--source-check", type=Path, help="CSV of the leave-one-source-class-out check (optional)")
-    args = parser.parse_args()
-    if args.out.exists():
-        raise SystemExit(f"error: '{args.out}' exists; choose a new file.")
-    rows = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(args.out, index=False)
+    write_rows(parser.parse_args(), run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -280,30 +280,42 @@ class ConditionalFlow(nn.Module):
         """Per-row ``logp̄`` and ``mean_c(z)`` for flattened rows ``(N, C)`` with their codes ``(N, D)``."""
         return _per_row(*self.flows[level](rows, [condition]))
 
-    def forward(self, level: int, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, level: int, feature: torch.Tensor, latent_mean: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``logp̄`` and ``mean_c(z)`` maps ``(B, H, W)`` of level ``level``.
+
+        ``latent_mean`` ``(C,)``: the base distribution's mean, ``N(latent_mean, I)`` instead of ``N(0, I)`` (a
+        class's own latent centre, CGAD's ``latent_centre`` adaptation); ``mean_c(z)`` is of the shifted ``z``.
+        """
+        batch, _, height, width = feature.shape
+        z, log_jac_det = self.latents(level, feature)
+        if latent_mean is not None:
+            z = z - latent_mean
+        logp, zmean = _per_row(z, log_jac_det)
+        return logp.reshape(batch, height, width), zmean.reshape(batch, height, width)
+
+    def latents(self, level: int, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow's output rows ``z`` ``(B·H·W, C)`` (:func:`flatten_patches` order) and their ``log|det J|``.
 
         The rows are ``B`` whole grids, so the subnets take their per-position path (:class:`PositionalSubnet`):
         the blocks get an empty condition and each subnet adds the cached share of the grid's codes.
         """
-        batch, _, height, width = feature.shape
         rows = flatten_patches(feature)
-        grid = self.grid_code(height, width, feature)
+        grid = self.grid_code(feature.shape[2], feature.shape[3], feature)
         if not self.training:
-            logp, zmean = self._folded_rows(level, rows, grid)
-            return logp.reshape(batch, height, width), zmean.reshape(batch, height, width)
+            return self._folded_latents(level, rows, grid)
         subnets = [block.subnet for block in self.flows[level].module_list]
         for subnet in subnets:
             subnet.grid = grid
         try:
-            logp, zmean = _per_row(*self.flows[level](rows, [rows.new_empty(rows.shape[0], 0)]))
+            return self.flows[level](rows, [rows.new_empty(rows.shape[0], 0)])
         finally:
             for subnet in subnets:
                 subnet.grid = None
-        return logp.reshape(batch, height, width), zmean.reshape(batch, height, width)
 
-    def _folded_rows(self, level: int, rows: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode pass of ``B`` whole grids through the level's :class:`FoldedLevel` (values of the blocks)."""
+    def _folded_latents(self, level: int, rows: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode ``(z, log|det J|)`` of ``B`` whole grids through the level's :class:`FoldedLevel`."""
         folded = self.folded(level, grid)
         scale_sum = rows.new_zeros(())
         for index, weights in enumerate(folded.blocks):
@@ -319,7 +331,7 @@ class ConditionalFlow(nn.Module):
             rows = torch.addmm(
                 torch.addmm(weights.offset, passive, weights.rotate_passive), active, weights.rotate_active
             )
-        return _per_row(rows, scale_sum.sum(dim=1) * folded.twice_clamp + folded.log_det_offset)
+        return rows, scale_sum.sum(dim=1) * folded.twice_clamp + folded.log_det_offset
 
 
 def _per_row(z: torch.Tensor, log_jac_det: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,7 +142,9 @@ def test_export_writes_anomalib_ir_and_bank_graphs(exported) -> None:
     metadata = json.loads((folder / "bank_metadata.json").read_text())
     assert metadata["model"] == "CGADModel"
     assert metadata["image_size"] == [SIZE, SIZE]
-    assert metadata["bank_names"] == ["bank_0", "bank_1", "bank_2"]
+    # two levels of reference patches, CGAD's two latent centres (adaptation "latent_centre"), the score scale
+    assert metadata["bank_names"] == ["bank_0", "bank_1", "bank_2", "bank_3", "bank_4"]
+    assert metadata["adaptation"] == "latent_centre"
     assert xml.name == "model.xml"
 
 
@@ -365,11 +367,14 @@ def test_parity_resad_and_metaad(model_cls, synthetic_root, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_parity_cgad_with_class_adaptation(synthetic_root, tmp_path) -> None:
-    """``meta_scale``: the references' channel scales are bank tensors the exported encoder computes, and the
-    bank graph applies them with the learned ``α``, ``β`` as torch does."""
+@pytest.mark.parametrize("adaptation", ["meta_scale", "latent_centre"])
+def test_parity_cgad_with_class_adaptation(synthetic_root, tmp_path, adaptation: str) -> None:
+    """The class descriptor is bank tensors the exported encoder computes from the references, and the bank
+    graph applies them as torch does: ``meta_scale``'s channel scales with the learned ``α``, ``β``;
+    ``latent_centre``'s latent centres (the references' leave-one-out residuals through the constraintor and
+    the flow, inside the exported encoder)."""
     torch.manual_seed(0)
-    training = {"adaptation": "meta_scale", "synthetic_per_class": 4}
+    training = {"adaptation": adaptation, "synthetic_per_class": 4}
     model, _, xml = _train_and_export(CGAD, synthetic_root, tmp_path, flow={"coupling_blocks": 2}, training=training)
     assert len(model.model.bank_tensors()) == 2 * len(model.model.backbone.channels) + 1
     diffs = _parity(model, Path(xml).parent, synthetic_root)

@@ -38,8 +38,10 @@ from anomalib_cgad.components.reference_bank import best_index, flatten_patches
 from anomalib_cgad.models.resad.torch_model import LevelOutputs, ResADModel
 from anomalib_cgad.validation import check_choice
 
-ADAPTATIONS = ("none", "reference_scale", "level_scale", "meta_scale")
-"""How the residuals adapt to a class's reference set (:class:`CGADModel`'s ``adaptation``)."""
+ADAPTATIONS = ("none", "reference_scale", "level_scale", "meta_scale", "latent_centre")
+"""How the model adapts to a class's reference set (:class:`CGADModel`'s ``adaptation``)."""
+RESIDUAL_ADAPTATIONS = ("reference_scale", "level_scale", "meta_scale")
+"""The adaptations that rescale the residuals by the references' channel scales (the others leave them)."""
 
 
 def leave_one_out_residuals(features: Sequence[torch.Tensor], matching: str, residual: str) -> list[torch.Tensor]:
@@ -96,7 +98,10 @@ class CGADModel(ResADModel):
             ``"reference_scale"``: each channel divided by its mean leave-one-out residual of the references
             (:func:`reference_channel_scales`, part of the bank); ``"level_scale"``: every channel of a level
             divided by that mean over the level's channels; ``"meta_scale"``: ``r · s^(−α) · e^β`` with
-            per-channel ``α`` (from 1) and ``β`` (from 0) learned by the outer level. Defaults to ``"none"``.
+            per-channel ``α`` (from 1) and ``β`` (from 0) learned by the outer level; ``"latent_centre"``: the
+            flow's base distribution is centred on the class, ``N(μ_l, I)`` with ``μ_l`` the mean flow output
+            ``z`` of the references' leave-one-out residuals per level and channel (part of the bank; residuals
+            unchanged). Defaults to ``"none"``.
 
     Attributes:
         boundary (nn.Parameter): per-level ``b_l``.
@@ -126,7 +131,7 @@ class CGADModel(ResADModel):
         self.register_buffer("scale", torch.tensor([0.0, 1.0]))
         if adaptation != "none":
             for level, c in enumerate(channels):
-                self.register_buffer(f"channel_scale_{level}", torch.ones(c))
+                self.register_buffer(f"{self._descriptor_name}_{level}", self._neutral_descriptor(c))
         self.scale_exponent = nn.ParameterList()
         self.scale_offset = nn.ParameterList()
         if adaptation == "meta_scale":
@@ -134,22 +139,56 @@ class CGADModel(ResADModel):
             self.scale_offset.extend(nn.Parameter(torch.zeros(c)) for c in channels)
 
     # ----------------------------------------------------------------- class adaptation
+    @property
+    def _descriptor_name(self) -> str:
+        """Buffer name stem of the class descriptor: channel scales, or the latent centres of ``latent_centre``."""
+        return "latent_mean" if self.adaptation == "latent_centre" else "channel_scale"
+
+    def _neutral_descriptor(self, channels: int) -> torch.Tensor:
+        """The descriptor that changes nothing: scales of 1, or a latent centre at 0."""
+        return torch.zeros(channels) if self.adaptation == "latent_centre" else torch.ones(channels)
+
     def _bank_scales(self) -> list[torch.Tensor]:
         if self.adaptation == "none":
             return []
-        return [getattr(self, f"channel_scale_{level}") for level in range(len(self.backbone.channels))]
+        return [getattr(self, f"{self._descriptor_name}_{level}") for level in range(len(self.backbone.channels))]
 
     def reference_scales(self, loo_residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The class descriptor this model's ``adaptation`` uses (:func:`reference_channel_scales`)."""
+        """The class descriptor this model's ``adaptation`` uses, from the references' leave-one-out residuals:
+        :func:`reference_channel_scales`, or with ``"latent_centre"`` the per-level, per-channel mean of the
+        flow's output ``z`` over their patches (the class's centre in the flow's latent space)."""
+        if self.adaptation == "latent_centre":
+            constrained = self.constraintor(loo_residuals)
+            return [self.flow.latents(level, feature)[0].mean(0) for level, feature in enumerate(constrained)]
         return reference_channel_scales(loo_residuals, pooled=self.adaptation == "level_scale")
+
+    def episode_descriptor(self, reference_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The class descriptor of a training episode's drawn references, computed as at bank time: without
+        gradient and with the constraintor and flow in eval mode (batch norm's running statistics, not the
+        references' own batch; the running statistics are left untouched)."""
+        modes = [(module, module.training) for module in (self.constraintor, self.flow)]
+        try:
+            for module, _ in modes:
+                module.eval()
+            with torch.no_grad():
+                loo = leave_one_out_residuals(reference_features, self.bank.matching, self.bank.residual)
+                return self.reference_scales(loo)
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+
+    def latent_means(self, descriptor: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The flow's per-level base means for a class descriptor (``None`` unless ``"latent_centre"``)."""
+        return list(descriptor) if self.adaptation == "latent_centre" else None
 
     def adaptation_parameters(self) -> list[nn.Parameter]:
         """The meta-learned ``α``, ``β`` of ``"meta_scale"`` (tuned by the outer level; empty otherwise)."""
         return [*self.scale_exponent, *self.scale_offset]
 
     def adapt(self, residuals: Sequence[torch.Tensor], channel_scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Residuals of a class expressed relative to its references' channel scales (identity with ``"none"``)."""
-        if self.adaptation == "none":
+        """Residuals of a class expressed relative to its references' channel scales (identity unless one of
+        :data:`RESIDUAL_ADAPTATIONS`)."""
+        if self.adaptation not in RESIDUAL_ADAPTATIONS:
             return list(residuals)
         out = []
         for level, (residual, scale) in enumerate(zip(residuals, channel_scales, strict=True)):
@@ -176,7 +215,9 @@ class CGADModel(ResADModel):
         levels = self.bank.build(features)
         residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
         channel_scales = self.reference_scales(residuals) if self.adaptation != "none" else []
-        loo_map = self.anomaly_map(self.levels_from_residuals(self.adapt(residuals, channel_scales)), size)
+        adapted = self.adapt(residuals, channel_scales)
+        loo_levels = self.levels_from_residuals(adapted, self.latent_means(channel_scales))
+        loo_map = self.anomaly_map(loo_levels, size)
         scale = torch.stack([loo_map.mean(), loo_map.std(unbiased=False).clamp(min=1e-6)])
         return [*levels, *channel_scales, scale]
 
@@ -199,12 +240,12 @@ class CGADModel(ResADModel):
         levels, channel_scales, scale = self.split_bank(tensors)
         self.bank.set_tensors(levels, num_refs=num_refs)
         for level, channel_scale in enumerate(channel_scales):
-            setattr(self, f"channel_scale_{level}", channel_scale.reshape(-1).to(self.scale.device))
+            setattr(self, f"{self._descriptor_name}_{level}", channel_scale.reshape(-1).to(self.scale.device))
         self.scale = scale.reshape(-1).to(self.scale.device)
 
     def is_bank_state(self, name: str) -> bool:
         """The bank levels, channel scales and the score scale (all computed from the references)."""
-        return super().is_bank_state(name) or name == "scale" or name.startswith("channel_scale_")
+        return super().is_bank_state(name) or name == "scale" or name.startswith(("channel_scale_", "latent_mean_"))
 
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
@@ -212,7 +253,7 @@ class CGADModel(ResADModel):
         """Scores and maps of backbone levels against explicit bank tensors (levels + scale)."""
         levels, channel_scales, scale = self.split_bank(bank)
         residuals = self.adapt(self.test_residuals(features, levels), channel_scales)
-        anomaly_map = self.anomaly_map(self.levels_from_residuals(residuals), size)
+        anomaly_map = self.anomaly_map(self.levels_from_residuals(residuals, self.latent_means(channel_scales)), size)
         if self.normalise_by_references:
             anomaly_map = (anomaly_map - scale[0]) / scale[1]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)

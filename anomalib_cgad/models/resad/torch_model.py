@@ -157,10 +157,14 @@ class ResADModel(BankModel):
         """The levels of backbone features against bank tensors (:class:`LevelOutputs`)."""
         return self.levels_from_residuals(self.test_residuals(features, bank))
 
-    def levels_from_residuals(self, residuals: Sequence[torch.Tensor]) -> LevelOutputs:
-        """Constraintor and flow of per-level residual maps."""
+    def levels_from_residuals(
+        self, residuals: Sequence[torch.Tensor], latent_means: Sequence[torch.Tensor] | None = None
+    ) -> LevelOutputs:
+        """Constraintor and flow of per-level residual maps (``latent_means``: per-level base means of the flow)."""
         constrained = self.constraintor(residuals)
-        flows = [self.flow(level, feature) for level, feature in enumerate(constrained)]
+        means = [None] * len(constrained) if latent_means is None else list(latent_means)
+        pairs = enumerate(zip(constrained, means, strict=True))
+        flows = [self.flow(level, feature, mean) for level, (feature, mean) in pairs]
         return LevelOutputs(list(residuals), constrained, [logp for logp, _ in flows], [zmean for _, zmean in flows])
 
     def patch_scores(self, levels: LevelOutputs) -> list[torch.Tensor]:
