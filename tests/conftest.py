@@ -26,6 +26,7 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
+
 SOURCES = ("stripes", "dots", "checker")
 TARGETS = ("waves",)
 
