@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -180,11 +179,6 @@ class CheckpointMixin:
             return {}
         known = {*inspect.signature(cls.__init__).parameters, *flat_argument_names(cls)}
         usable = {key: value for key, value in hparams.items() if key in known}
-        for dotted, value in getattr(cls, "CHECKPOINT_DEFAULTS", {}).items():  # defaults that changed since
-            group, _, field = dotted.partition(".")
-            saved = usable.get(group)
-            if not (isinstance(saved, Mapping) and field in saved) and field not in usable:
-                usable[dotted] = value
         grouped = regroup_arguments(cls, usable, source="the checkpoint's hyper-parameters")
         return {key: value for key, value in grouped.items() if key in groups}
 

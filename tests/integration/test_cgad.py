@@ -15,12 +15,9 @@ from anomalib_cgad.models.cgad.lightning_model import CGADTraining
 
 def test_checkpoint_reload_gives_identical_scores_and_options(cross_class, tmp_path, caplog) -> None:
     """A checkpoint rebuilds the model's options groups by itself (saved as plain mappings, read weights-only),
-    and one whose hyper-parameters use 0.1's flat names rebuilds the same model, with a warning. One from before
-    ``training.adaptation`` existed (no such key) is rebuilt with ``"none"``, what it was trained with, not with
-    today's default ``"latent_centre"`` (whose latent centres it would lack)."""
+    and one whose hyper-parameters use 0.1's flat names rebuilds the same model, with a warning."""
     datamodule = cross_class()
-    training = {"lr": 3e-4, "adaptation": "none"}
-    model = small_model(CGAD, flow={"coupling_blocks": 2}, episodes={"inner_queries": 6}, training=training)
+    model = small_model(CGAD, flow={"coupling_blocks": 2}, episodes={"inner_queries": 6}, training={"lr": 3e-4})
     engine = cpu_engine(tmp_path, 2)
     engine.fit(model=model, datamodule=datamodule)
     ckpt = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
@@ -33,7 +30,6 @@ def test_checkpoint_reload_gives_identical_scores_and_options(cross_class, tmp_p
 
     flat = {key: value for key, value in payload["hyper_parameters"].items() if key not in ("flow", "episodes")}
     payload["hyper_parameters"] = {**flat, "coupling_blocks": 2, "condition_dim": 16, "inner_queries": 6}
-    del payload["hyper_parameters"]["training"]["adaptation"]  # saved before the option existed
     legacy = tmp_path / "flat_names.ckpt"
     torch.save(payload, legacy)
     with caplog.at_level("WARNING", logger="anomalib_cgad.models.options"):
@@ -41,8 +37,6 @@ def test_checkpoint_reload_gives_identical_scores_and_options(cross_class, tmp_p
     assert any("flat names of anomalib-cgad 0.1 (coupling_blocks → flow.coupling_blocks" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     assert (from_flat.model.flow.condition_dim, from_flat.inner_queries) == (16, 6)
-    assert (reloaded.model.adaptation, from_flat.model.adaptation, CGAD().model.adaptation) == (
-        "none", "none", "latent_centre")  # fmt: skip
 
     model.eval()
     images = torch.stack([datamodule.test_data[i].image for i in range(6)])
@@ -127,7 +121,7 @@ def test_class_adaptation_is_part_of_the_bank_and_meta_scale_is_learned(cross_cl
     plain.set_references(refs)
     with pytest.raises(BankError, match="adaptation: bank has 'meta_scale', model has 'none'"):
         plain.load_bank(path)
-    centred = small_model(CGAD, flow={"coupling_blocks": 2}).eval()  # the default, "latent_centre"
+    centred = small_model(CGAD, flow={"coupling_blocks": 2}, training={"adaptation": "latent_centre"}).eval()
     centred.set_references(refs)
     with pytest.raises(BankError, match="adaptation: bank has 'meta_scale', model has 'latent_centre'"):
         centred.load_bank(path)

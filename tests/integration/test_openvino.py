@@ -142,9 +142,7 @@ def test_export_writes_anomalib_ir_and_bank_graphs(exported) -> None:
     metadata = json.loads((folder / "bank_metadata.json").read_text())
     assert metadata["model"] == "CGADModel"
     assert metadata["image_size"] == [SIZE, SIZE]
-    # two levels of reference patches, CGAD's two latent centres (adaptation "latent_centre"), the score scale
-    assert metadata["bank_names"] == ["bank_0", "bank_1", "bank_2", "bank_3", "bank_4"]
-    assert metadata["adaptation"] == "latent_centre"
+    assert metadata["bank_names"] == ["bank_0", "bank_1", "bank_2"]
     assert xml.name == "model.xml"
 
 

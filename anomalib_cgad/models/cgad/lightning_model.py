@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from anomalib.models.components import AnomalibModule
@@ -71,11 +71,10 @@ class CGADTraining:
             ``"level_scale"``, ``"meta_scale"``, ``"latent_centre"``;
             :class:`~anomalib_cgad.models.cgad.torch_model.CGADModel`). In every episode the inner and outer
             classes are adapted to their own drawn references, as a new class is to its bank. Defaults to
-            ``"latent_centre"``: it ranks as ``"none"`` does (+0.003 image AUROC on average over the generated
-            leave-one-class-out and ELPV's two directions at 160 and 256 px, no cell beyond ±0.015) and is the
-            one setting whose normal-only false-alarm rate stays within ±0.05 of the requested 0.01, 0.05 and 0.1
-            on all of them (``"none"`` over-alarms on ELPV poly → mono); the three residual scalings lost
-            0.03-0.07 on the generated classes (model README, *Class adaptation*).
+            ``"none"``: the three residual scalings lost 0.03-0.07 image AUROC on the generated leave-one-class-out
+            classes; ``"latent_centre"`` ranks level with ``"none"`` at k = 4 and holds the requested false-alarm
+            rate on ELPV at k = 4, but costs up to 0.034 on ELPV at k = 1 and 2 and over-alarms at k = 8 from poly
+            to mono (model README, *Class adaptation*).
     """
 
     lr: float = 2e-4
@@ -84,7 +83,7 @@ class CGADTraining:
     synthetic_per_class: int = 16
     inner_anomalies: int = 0
     normalise_by_references: bool = False
-    adaptation: str = "latent_centre"
+    adaptation: str = "none"
 
     def __post_init__(self) -> None:
         check_count("inner_anomalies", self.inner_anomalies, minimum=0)
@@ -130,9 +129,6 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
     inner_log_name = "inner_nll"
     FLAT_ALIASES: ClassVar[dict[str, str]] = {"reference_coreset": "bank.coreset"}
     """Flat names of anomalib-cgad 0.1 that are not their field's name (:mod:`anomalib_cgad.models.options`)."""
-    CHECKPOINT_DEFAULTS: ClassVar[dict[str, Any]] = {"training.adaptation": "none"}
-    """What a checkpoint whose hyper-parameters do not name an option was trained with: checkpoints from before
-    ``adaptation`` existed had none (the default is ``"latent_centre"`` since)."""
 
     def __init__(
         self,
