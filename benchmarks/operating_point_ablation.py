@@ -229,6 +229,19 @@ def save_flagged_normals(flags: dict[str, int], draws: int, path: Path, most: in
     return len(always)
 
 
+def labelled_row(key: dict, raw: np.ndarray, truth: torch.Tensor, thresholds: dict[float, float]) -> dict:
+    """``key`` with the achieved false-alarm rate and F1 of ``raw > threshold`` at each requested rate (printed)."""
+    from benchmarks.metrics import f1_score
+
+    row = dict(key)
+    for rate, threshold in thresholds.items():
+        predicted = torch.from_numpy(raw > threshold)
+        row[f"false_alarm_rate_at_{rate:g}"] = float(predicted[truth == 0].float().mean())
+        row[f"F1_at_{rate:g}"] = f1_score(predicted, truth)
+    print(row, flush=True)
+    return row
+
+
 @torch.no_grad()
 def score(model, features, bank, size, batch: int = 32) -> np.ndarray:
     """Raw image scores of encoded images against ``bank``."""
@@ -290,20 +303,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         truth = torch.tensor([int(test[i].gt_label) for i in range(len(test))])
         refs = dm.reference_images("test", 0)
         size = transform(refs[:1]).shape[-2:]
-        raw = score(model, encode(model, images, transform), model.compute_bank(transform(refs)), size)
-        ref_features = encode(model, refs, transform)
+        ref_features = encode(model, refs, transform)  # once, for the bank and the leave-k-out passes
+        raw = score(model, encode(model, images, transform), model.bank_from_features(ref_features, size), size)
         loo, pixel_std = loo_parts(model, refs, transform, ref_features)
         l2o = leave_two_out_mean(model, ref_features, size)
         normal_raw = raw[(truth == 0).numpy()]
+        key = {"model": args.model, "direction": args.direction, "variant": None, "seed": seed}  # the CSV's order
         # the ceiling of any normal-only rule: the threshold at the requested quantile of the test normals
-        row = {"model": args.model, "direction": args.direction, "variant": "ideal", "seed": seed}
-        for rate in RATES:
-            predicted = torch.from_numpy(raw > np.quantile(normal_raw, 1.0 - rate))
-            row[f"false_alarm_rate_at_{rate:g}"] = float(predicted[truth == 0].float().mean())
-            row[f"F1_at_{rate:g}"] = f1_score(predicted, truth)
-        row["F1_oracle"] = max(f1_score(torch.from_numpy(raw >= t), truth) for t in np.unique(raw))
-        rows.append(row)
-        print(row, flush=True)
+        ideal = labelled_row(key | {"variant": "ideal"}, raw, truth, {r: np.quantile(normal_raw, 1 - r) for r in RATES})
+        ideal["F1_oracle"] = max(f1_score(torch.from_numpy(raw >= t), truth) for t in np.unique(raw))
+        rows.append(ideal)
         for variant in VARIANTS:
             pooled = []
             for draw_loo, draw_std, held_out_scores, draw_l2o in calibration:
@@ -318,22 +327,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 flagged = raw > location + scale * calibrated_tau(FAR_GRID, taus, 0.05)
                 for name, label, flag in zip(paths, truth.tolist(), flagged.tolist(), strict=True):
                     flags[name] = flags.get(name, 0) + int(label == 0 and flag)
-            row = {"model": args.model, "direction": args.direction, "variant": variant, "seed": seed}
-            for rate in RATES:
-                predicted = torch.from_numpy(raw > location + scale * calibrated_tau(FAR_GRID, taus, rate))
-                row[f"false_alarm_rate_at_{rate:g}"] = float(predicted[truth == 0].float().mean())
-                row[f"F1_at_{rate:g}"] = f1_score(predicted, truth)
-            rows.append(row)
-            print(row, flush=True)
+            thresholds = {rate: location + scale * calibrated_tau(FAR_GRID, taus, rate) for rate in RATES}
+            rows.append(labelled_row(key | {"variant": variant}, raw, truth, thresholds))
         stats = reference_statistics(loo, pixel_std)
-        row = {"model": args.model, "direction": args.direction, "variant": "learned", "seed": seed}
-        for rate in RATES:
-            threshold = stats[0] + float(threshold_maps[rate](stats)[0])
-            predicted = torch.from_numpy(raw > threshold)
-            row[f"false_alarm_rate_at_{rate:g}"] = float(predicted[truth == 0].float().mean())
-            row[f"F1_at_{rate:g}"] = f1_score(predicted, truth)
-        rows.append(row)
-        print(row, flush=True)
+        thresholds = {rate: stats[0] + float(threshold_maps[rate](stats)[0]) for rate in RATES}
+        rows.append(labelled_row(key | {"variant": "learned"}, raw, truth, thresholds))
     if getattr(args, "tails", None) is not None:
         import pandas as pd
 

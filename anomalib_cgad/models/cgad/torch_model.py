@@ -148,12 +148,12 @@ class CGADModel(ResADModel):
         """The descriptor that changes nothing: scales of 1, or a latent centre at 0."""
         return torch.zeros(channels) if self.adaptation == "latent_centre" else torch.ones(channels)
 
-    def _bank_scales(self) -> list[torch.Tensor]:
+    def _bank_descriptor(self) -> list[torch.Tensor]:
         if self.adaptation == "none":
             return []
         return [getattr(self, f"{self._descriptor_name}_{level}") for level in range(len(self.backbone.channels))]
 
-    def reference_scales(self, loo_residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def class_descriptor(self, loo_residuals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The class descriptor this model's ``adaptation`` uses, from the references' leave-one-out residuals:
         :func:`reference_channel_scales`, or with ``"latent_centre"`` the per-level, per-channel mean of the
         flow's output ``z`` over their patches (the class's centre in the flow's latent space)."""
@@ -172,7 +172,7 @@ class CGADModel(ResADModel):
                 module.eval()
             with torch.no_grad():
                 loo = leave_one_out_residuals(reference_features, self.bank.matching, self.bank.residual)
-                return self.reference_scales(loo)
+                return self.class_descriptor(loo)
         finally:
             for module, mode in modes:
                 module.train(mode)
@@ -185,13 +185,13 @@ class CGADModel(ResADModel):
         """The meta-learned ``α``, ``β`` of ``"meta_scale"`` (tuned by the outer level; empty otherwise)."""
         return [*self.scale_exponent, *self.scale_offset]
 
-    def adapt(self, residuals: Sequence[torch.Tensor], channel_scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def adapt(self, residuals: Sequence[torch.Tensor], descriptor: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Residuals of a class expressed relative to its references' channel scales (identity unless one of
         :data:`RESIDUAL_ADAPTATIONS`)."""
         if self.adaptation not in RESIDUAL_ADAPTATIONS:
             return list(residuals)
         out = []
-        for level, (residual, scale) in enumerate(zip(residuals, channel_scales, strict=True)):
+        for level, (residual, scale) in enumerate(zip(residuals, descriptor, strict=True)):
             if self.adaptation == "meta_scale":
                 factor = torch.exp(self.scale_offset[level] - self.scale_exponent[level] * torch.log(scale))
             else:
@@ -210,50 +210,50 @@ class CGADModel(ResADModel):
         return [(-z / temperature).unsqueeze(1) for z in self.normality_logits(levels.logps)]
 
     def bank_from_features(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
-        """Bank levels of the references, their channel scales (with ``adaptation``) and ``scale = (μ, σ)`` of
+        """Bank levels of the references, their class descriptor (with ``adaptation``) and ``scale = (μ, σ)`` of
         their leave-one-out maps (shape ``(2,)``)."""
         levels = self.bank.build(features)
         residuals = leave_one_out_residuals(features, self.bank.matching, self.bank.residual)
-        channel_scales = self.reference_scales(residuals) if self.adaptation != "none" else []
-        adapted = self.adapt(residuals, channel_scales)
-        loo_levels = self.levels_from_residuals(adapted, self.latent_means(channel_scales))
+        descriptor = self.class_descriptor(residuals) if self.adaptation != "none" else []
+        adapted = self.adapt(residuals, descriptor)
+        loo_levels = self.levels_from_residuals(adapted, self.latent_means(descriptor))
         loo_map = self.anomaly_map(loo_levels, size)
         scale = torch.stack([loo_map.mean(), loo_map.std(unbiased=False).clamp(min=1e-6)])
-        return [*levels, *channel_scales, scale]
+        return [*levels, *descriptor, scale]
 
     def bank_metadata(self) -> dict:
-        """ResAD's keys plus the class adaptation (its channel scales are bank tensors)."""
+        """ResAD's keys plus the class adaptation (its class descriptor is bank tensors)."""
         return {**super().bank_metadata(), "adaptation": self.adaptation}
 
     def split_bank(self, tensors: Sequence[torch.Tensor]) -> tuple[list, list, torch.Tensor]:
-        """``(levels, channel scales, scale)`` of bank tensors in :meth:`bank_tensors` order."""
+        """``(levels, class descriptor, scale)`` of bank tensors in :meth:`bank_tensors` order."""
         num_levels = self.bank.num_levels
         *rest, scale = tensors
         return list(rest[:num_levels]), list(rest[num_levels:]), scale
 
     def bank_tensors(self) -> list[torch.Tensor]:
-        """Bank levels, channel scales (with ``adaptation``), then the score scale."""
-        return [*self.bank.tensors(), *self._bank_scales(), self.scale]
+        """Bank levels, the class descriptor (with ``adaptation``), then the score scale."""
+        return [*self.bank.tensors(), *self._bank_descriptor(), self.scale]
 
     def set_bank_tensors(self, tensors: Sequence[torch.Tensor], num_refs: int | None = None) -> None:
-        """Store bank levels, channel scales and the score scale (the order of :meth:`bank_tensors`)."""
-        levels, channel_scales, scale = self.split_bank(tensors)
+        """Store bank levels, the class descriptor and the score scale (the order of :meth:`bank_tensors`)."""
+        levels, descriptor, scale = self.split_bank(tensors)
         self.bank.set_tensors(levels, num_refs=num_refs)
-        for level, channel_scale in enumerate(channel_scales):
-            setattr(self, f"{self._descriptor_name}_{level}", channel_scale.reshape(-1).to(self.scale.device))
+        for level, tensor in enumerate(descriptor):
+            setattr(self, f"{self._descriptor_name}_{level}", tensor.reshape(-1).to(self.scale.device))
         self.scale = scale.reshape(-1).to(self.scale.device)
 
     def is_bank_state(self, name: str) -> bool:
-        """The bank levels, channel scales and the score scale (all computed from the references)."""
+        """The bank levels, the class descriptor and the score scale (all computed from the references)."""
         return super().is_bank_state(name) or name == "scale" or name.startswith(("channel_scale_", "latent_mean_"))
 
     def score_features(
         self, features: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], size: Sequence[int]
     ) -> InferenceBatch:
         """Scores and maps of backbone levels against explicit bank tensors (levels + scale)."""
-        levels, channel_scales, scale = self.split_bank(bank)
-        residuals = self.adapt(self.test_residuals(features, levels), channel_scales)
-        anomaly_map = self.anomaly_map(self.levels_from_residuals(residuals, self.latent_means(channel_scales)), size)
+        levels, descriptor, scale = self.split_bank(bank)
+        residuals = self.adapt(self.test_residuals(features, levels), descriptor)
+        anomaly_map = self.anomaly_map(self.levels_from_residuals(residuals, self.latent_means(descriptor)), size)
         if self.normalise_by_references:
             anomaly_map = (anomaly_map - scale[0]) / scale[1]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1)).reshape(-1)
