@@ -32,8 +32,6 @@ import torch
 from anomalib import LearningType
 from anomalib.data import InferenceBatch
 from anomalib.models.components import AnomalibModule, GaussianBlur2d
-from anomalib.visualization import Visualizer
-from torch import nn
 
 from anomalib_cgad.components.backbone import FeatureExtractor
 from anomalib_cgad.components.bank_model import BankModel
@@ -100,41 +98,15 @@ class PatchKNN(FewShotModuleMixin, AnomalibModule):
     """Training-free k-shot patch-kNN baseline (FEW_SHOT: ``Engine.fit`` only validates, to learn thresholds).
 
     Args:
-        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT), as the models. Defaults to ``None``:
-            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
-        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
-        k_shot (int): references per class. Defaults to ``4``.
-        few_shot_source (str | None): folder of reference images. Defaults to ``None``.
-        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
-            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         sigma (float): Gaussian smoothing of the map. Defaults to ``4.0``.
-        pre_processor (nn.Module | bool): Defaults to ``True`` (the models' resize + ImageNet normalisation).
-        post_processor (nn.Module | bool): Defaults to ``True``.
-        evaluator (nn.Module | bool): Defaults to ``True`` (per-class evaluator).
-        visualizer (Visualizer | bool): Defaults to ``True``.
+        **kwargs: the arguments every model shares (``backbone``, ``layers``, ``backbone_weights``, ``k_shot``,
+            ``few_shot_source``, ``false_alarm_rate``, ``seed``, anomalib's four components), as the models:
+            :class:`~anomalib_cgad.models.base.FewShotModuleMixin`.
     """
 
-    def __init__(
-        self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] | None = None,
-        backbone_weights: str | None = "pretrained",
-        k_shot: int = 4,
-        few_shot_source: str | None = None,
-        false_alarm_rate: float = 0.05,
-        sigma: float = 4.0,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: nn.Module | bool = True,
-        visualizer: Visualizer | bool = True,
-    ) -> None:
-        if k_shot < 1:
-            msg = f"k_shot must be >= 1, got {k_shot}."
-            raise ValueError(msg)
-        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
-        self.model = PatchKNNModel(backbone, layers, backbone_weights, sigma)
-        self._init_references(k_shot, few_shot_source, false_alarm_rate)
+    def __init__(self, sigma: float = 4.0, **kwargs) -> None:
+        super().__init__(**kwargs)  # references, operating point, anomalib's components (FewShotModuleMixin)
+        self.model = PatchKNNModel(**self.backbone_args, sigma=sigma)
 
     def configure_optimizers(self) -> None:
         """Training-free: no optimiser."""

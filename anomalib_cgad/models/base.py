@@ -28,17 +28,18 @@ Around them it
 Every name that used to live here (``ReferenceMixin``, ``load_images``, ``CHECKPOINT_KEY``, ...) is still
 importable from this module.
 
-The three constructors spell out the same common path (``backbone``, ``layers``, ``backbone_weights``,
-``k_shot``, ``few_shot_source``, ``false_alarm_rate``, ``seed`` and anomalib's four components) on purpose, as
-each of anomalib's own models spells out those four: jsonargparse builds ``--model.backbone`` and the other
-flags from each signature, and ``help(CGAD)`` shows them. Forwarding them through ``**kwargs`` would leave
-``help`` blind, and an options group would break ``--model.backbone``; so the repetition is the price of one CLI
-across the three models.
+Each model's constructor declares what is its own (its options groups, ResAD's ``preset``) and forwards the
+rest through ``**kwargs`` to :meth:`FewShotModuleMixin.__init__`, the one declaration of the arguments every
+model shares: the backbone (``backbone``, ``layers``, ``backbone_weights``), the references (``k_shot``,
+``few_shot_source``), the operating point (``false_alarm_rate``), ``seed`` and anomalib's four components.
+jsonargparse follows that forwarding, so ``--model.backbone`` and ``--help`` work as for the model's own
+arguments; :func:`~anomalib_cgad.models.options.constructor_parameters` gives the merged list.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,11 @@ from anomalib import LearningType
 from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
 from anomalib_cgad.components.operating_point import (
     DEFAULT_FALSE_ALARM_RATE,
     OperatingPoint,
@@ -86,6 +90,7 @@ from anomalib_cgad.models.references import (
     ReferenceHost,
     ReferenceMixin,
 )
+from anomalib_cgad.validation import check_count
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +150,57 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
     post-processor is anomalib's ``PostProcessor`` with its threshold at the operating point, the
     pre-processor resizes without antialiasing and the default evaluator keeps anomalib's metrics per class.
 
-    Init order: the model calls ``AnomalibModule.__init__`` (which resolves the components through the
-    ``configure_*`` hooks below), then sets ``k_shot``, ``few_shot_source`` and ``model`` (a torch model with
-    ``set_reference(images)``, ``backbone`` and ``bank``), then calls :meth:`_init_references`. The class
-    must come before ``AnomalibModule`` in the bases so that its hooks override anomalib's and call them
-    through ``super()``.
+    Init order: the model's ``__init__`` calls this class's (``super().__init__(**kwargs)``), which checks
+    ``k_shot``, calls ``AnomalibModule.__init__`` (it resolves the components through the ``configure_*``
+    hooks below) and sets the reference and operating-point state; the model then builds ``model`` (a torch
+    model with ``set_reference(images)``, ``backbone`` and ``bank``). The class must come before
+    ``AnomalibModule`` in the bases so that its hooks override anomalib's and call them through ``super()``.
     """
+
+    def __init__(
+        self,
+        backbone: str = OFFLINE_BACKBONE,
+        layers: Sequence[int] | None = None,
+        backbone_weights: str | None = PRETRAINED,
+        k_shot: int | None = None,
+        few_shot_source: str | None = None,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: nn.Module | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        """The arguments every anomalib-cgad model takes; the models forward them here with ``**kwargs``.
+
+        Args:
+            backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"`` (its ImageNet weights ship
+                offline).
+            layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``: the
+                backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
+            backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None`` (random weights).
+                Defaults to ``"pretrained"``.
+            k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
+                (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
+            few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
+            false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets its
+                normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
+            seed (int): seed of the model's draws: references, episodes, synthetic anomalies (ResAD: also its
+                codebook's initialisation). Defaults to ``0``. Weight initialisation follows the global
+                generators: the flow's fixed random rotations (SciPy's ``special_ortho_group`` in anomalib's
+                ``AllInOneBlock``) come from NumPy's, so ``torch.manual_seed`` alone does not repeat a run; use
+                ``lightning.seed_everything`` (``anomalib train --seed_everything N``).
+            pre_processor (nn.Module | bool): anomalib's pre-processor; ``True``: :meth:`configure_pre_processor`.
+            post_processor (nn.Module | bool): anomalib's post-processor; ``True``: the normal-only operating point.
+            evaluator (nn.Module | bool): anomalib's evaluator; ``True``: its default metrics, kept per class.
+            visualizer (Visualizer | bool): anomalib's visualizer. Defaults to ``True``.
+        """
+        check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
+        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
+        self.backbone_args = {"backbone": backbone, "layers": layers, "backbone_weights": backbone_weights}
+        """The torch model's backbone arguments (the model builds its torch model from them)."""
+        self.seed = seed
+        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -212,7 +262,7 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     ) -> None:
         """The references (``k_shot``, ``None``: the datamodule's or 4; their source), the checkpoint state and the
-        operating point: the model's arguments of those names (called last in the model's ``__init__``)."""
+        operating point, from the constructor's arguments of those names."""
         self._k_shot_given = k_shot is not None  # an explicit k_shot must agree with the datamodule's
         self.k_shot = DEFAULT_K_SHOT if k_shot is None else k_shot
         self.few_shot_source = few_shot_source

@@ -12,7 +12,7 @@ against a multi-class checkpoint's bank (one training class's references).
 
 from __future__ import annotations
 
-import inspect
+import io
 import logging
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -21,7 +21,13 @@ import torch
 
 from anomalib_cgad.components.operating_point import OperatingPoint
 from anomalib_cgad.components.training_pool import TrainingPool
-from anomalib_cgad.models.options import flat_argument_names, option_groups, plain_hyperparameters, regroup_arguments
+from anomalib_cgad.models.options import (
+    constructor_parameters,
+    flat_argument_names,
+    option_groups,
+    plain_hyperparameters,
+    regroup_arguments,
+)
 from anomalib_cgad.models.references import USE_CHECKPOINT_BANK, ReferenceError
 from anomalib_cgad.safe_load import load_weights_only
 
@@ -29,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "anomalib_cgad"
 CHECKPOINT_FORMAT = 1
+LIGHTNING_INSTANTIATOR_KEYS = ("_instantiator", "_class_path")
+"""Hyper-parameters LightningCLI saves to rebuild a model (Lightning reads them itself)."""
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "CheckpointHost", "CheckpointMismatchError", "CheckpointMixin"]
 
@@ -157,9 +165,21 @@ class CheckpointMixin:
             msg = f"'{path}' is not a Lightning checkpoint (no 'state_dict')."
             raise CheckpointMismatchError(msg)
         tagged = cls._check_checkpoint_tag(checkpoint) is not None
-        kwargs = {**cls._grouped_hyperparameters(checkpoint.get("hyper_parameters") or {}), **kwargs}
+        hparams = checkpoint.get("hyper_parameters") or {}
+        kwargs = {**cls._grouped_hyperparameters(hparams), **kwargs}
+        source: Path | io.BytesIO = path
+        taken = {*constructor_parameters(cls), *LIGHTNING_INSTANTIATOR_KEYS}
+        unused = [key for key in hparams if key not in taken]
+        if unused:
+            # 0.1's flat names (regrouped above) or another model's arguments. The constructors forward
+            # **kwargs, so Lightning would hand them every saved hyper-parameter instead of only the ones
+            # they take: give Lightning the checkpoint without them.
+            checkpoint["hyper_parameters"] = {key: value for key, value in hparams.items() if key in taken}
+            source = io.BytesIO()
+            torch.save(checkpoint, source)
+            source.seek(0)
         try:
-            return super().load_from_checkpoint(path, *args, **kwargs)
+            return super().load_from_checkpoint(source, *args, **kwargs)
         except CheckpointMismatchError:
             raise
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
@@ -177,7 +197,7 @@ class CheckpointMixin:
         groups = option_groups(cls)
         if not groups:
             return {}
-        known = {*inspect.signature(cls.__init__).parameters, *flat_argument_names(cls)}
+        known = {*constructor_parameters(cls), *flat_argument_names(cls)}
         usable = {key: value for key, value in hparams.items() if key in known}
         grouped = regroup_arguments(cls, usable, source="the checkpoint's hyper-parameters")
         return {key: value for key, value in grouped.items() if key in groups}

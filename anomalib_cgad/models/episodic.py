@@ -6,9 +6,9 @@
    (classes the outer level separates worst are drawn more often, through ``hardness``);
 2. the inner level runs once per inner class of the episode with the first optimiser;
 3. the outer level (unless ``episodes.outer=False``) scores each OOD class's normals (ID) and anomalies (OOD) as
-   normality logits ``z``; :meth:`~EpisodicMixin._margin_term` turns them into the softmax confidence margin
-   loss, and :meth:`~EpisodicMixin._outer_update` reconciles the per-class losses with the clean term by
-   PCGrad and steps the remaining optimisers.
+   normality logits ``z``; :meth:`~EpisodicMixin._add_margin_term` turns them into the softmax confidence
+   margin loss of the class (collected in :class:`OuterTerms`), and :meth:`~EpisodicMixin._outer_update`
+   reconciles the per-class losses with the clean term by PCGrad and steps the remaining optimisers.
 
 The length of an epoch is bounded in the number of training classes (``epoch_classes``, see
 :meth:`~EpisodicMixin._episode_budget`): an episode costs the same whatever the number of classes (one inner
@@ -27,7 +27,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -83,6 +83,16 @@ class EpisodeOptions:
         check_count("anomalies_per_class", self.anomalies_per_class, minimum=0)
         if self.epoch_classes is not None:
             check_count("epoch_classes", self.epoch_classes)
+
+
+@dataclass
+class OuterTerms:
+    """The per-class terms of one outer update, in the order of the episode's OOD classes that had both ID and
+    OOD logits: margin losses, clean (ID-only) terms and (detached) confidence gaps."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    clean: list[torch.Tensor] = field(default_factory=list)
+    gaps: list[torch.Tensor] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -195,29 +205,34 @@ class EpisodicMixin(ABC):
             )  # fmt: skip
             self._told_budget = True
 
-    def _margin_term(
-        self, category: str, z_id: torch.Tensor, z_ood: torch.Tensor, temperature: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Confidence margin loss of one OOD class and its (detached) confidence gap; updates its hardness.
+    def _add_margin_term(
+        self, terms: OuterTerms, category: str, z_id: torch.Tensor, z_ood: torch.Tensor, temperature: torch.Tensor
+    ) -> bool:
+        """Add one OOD class's confidence margin loss and confidence gap to ``terms``; update its hardness.
 
         Equal numbers of ID and OOD logits (at most :attr:`margin_pairs`), drawn with the training pool's
         generator so that episodes replay exactly from the seed.
+
+        Returns:
+            bool: ``False``, and nothing added, when the class has no ID or no OOD logit; the caller then adds
+            no clean term either.
         """
+        if len(z_id) == 0 or len(z_ood) == 0:
+            return False
         limit = min(len(z_id), len(z_ood), self.margin_pairs)
         generator = self.training_pool.generator
         z_id = z_id[torch.randperm(len(z_id), generator=generator)[:limit].to(z_id.device)]
         z_ood = z_ood[torch.randperm(len(z_ood), generator=generator)[:limit].to(z_ood.device)]
-        loss = confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin)
+        terms.losses.append(confidence_margin_loss(z_id, z_ood, temperature, margin=self.margin))
         p_ood = torch.sigmoid(z_ood / temperature).mean().detach()
         self.hardness[category] = float(p_ood)
-        return loss, torch.sigmoid(z_id / temperature).mean().detach() - p_ood
+        terms.gaps.append(torch.sigmoid(z_id / temperature).mean().detach() - p_ood)
+        return True
 
     def _outer_update(
         self,
         outer_classes: Sequence[str],
-        losses: list[torch.Tensor],
-        clean: list[torch.Tensor],
-        gaps: list[torch.Tensor],
+        terms: OuterTerms,
         optimizers: Sequence[torch.optim.Optimizer],
         shared: list[torch.Tensor],
         calibration: list[torch.Tensor],
@@ -227,9 +242,7 @@ class EpisodicMixin(ABC):
         Args:
             outer_classes (Sequence[str]): the episode's OOD classes (named in the warning when none had both
                 normal and anomalous patches).
-            losses (list[torch.Tensor]): one margin loss per class that had both.
-            clean (list[torch.Tensor]): the clean (ID-only) terms, one per such class.
-            gaps (list[torch.Tensor]): the confidence gaps, one per such class.
+            terms (OuterTerms): the margin losses, clean terms and gaps of the classes that had both.
             optimizers (Sequence[torch.optim.Optimizer]): the outer optimisers.
             shared (list[torch.Tensor]): parameters the losses share (PCGrad projects their gradients).
             calibration (list[torch.Tensor]): calibration parameters (boundaries, temperature): summed gradients.
@@ -237,6 +250,7 @@ class EpisodicMixin(ABC):
         Returns:
             dict[str, torch.Tensor]: ``outer_loss`` and ``outer_gap`` to log, or ``{}`` when nothing was stepped.
         """
+        losses = terms.losses
         if not losses:
             if not getattr(self, "_warned_no_outer", False):
                 logger.warning("Outer level skipped: no anomalous patches for classes %s.", list(outer_classes))
@@ -245,7 +259,7 @@ class EpisodicMixin(ABC):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         outer_backward(
-            torch.stack(clean).mean(),
+            torch.stack(terms.clean).mean(),
             losses,
             shared=shared,
             calibration=calibration,
@@ -256,7 +270,7 @@ class EpisodicMixin(ABC):
         for optimizer in optimizers:
             optimizer.step()
         self.outer_steps += 1
-        return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(gaps).mean()}
+        return {"outer_loss": torch.stack(losses).mean().detach(), "outer_gap": torch.stack(terms.gaps).mean()}
 
     def training_step(self, batch, *args, **kwargs) -> STEP_OUTPUT:
         """One episode: the inner level on each inner class, then (unless ``episodes.outer=False``) the outer level.

@@ -31,7 +31,13 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["flat_argument_names", "option_groups", "plain_hyperparameters", "regroup_arguments"]
+__all__ = [
+    "constructor_parameters",
+    "flat_argument_names",
+    "option_groups",
+    "plain_hyperparameters",
+    "regroup_arguments",
+]
 
 
 def _group_default(model_cls: type, name: str, parameter: inspect.Parameter, args: Mapping[str, Any]) -> Any:
@@ -42,11 +48,39 @@ def _group_default(model_cls: type, name: str, parameter: inspect.Parameter, arg
     return parameter.default if default is None else default
 
 
+def constructor_parameters(model_cls: type) -> dict[str, inspect.Parameter]:
+    """Every keyword a model's constructor takes: its own, then those its ``**kwargs`` forwards up the bases.
+
+    The models declare their own arguments and forward the shared ones (backbone, references, false-alarm
+    rate, seed, anomalib's four components) to ``FewShotModuleMixin.__init__`` through ``**kwargs``; jsonargparse
+    resolves that forwarding the same way for ``--model.k_shot``. The walk follows the MRO's ``__init__``
+    methods while each one ends in ``**kwargs``.
+
+    Example:
+        >>> from anomalib_cgad import CGAD
+        >>> list(constructor_parameters(CGAD))[:6]
+        ['bank', 'flow', 'episodes', 'training', 'backbone', 'layers']
+    """
+    parameters: dict[str, inspect.Parameter] = {}
+    for klass in model_cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        forwards = False
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif name != "self" and parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+                parameters.setdefault(name, parameter)
+        if not forwards:
+            break
+    return parameters
+
+
 def option_groups(model_cls: type) -> dict[str, type]:
     """The constructor's options objects: parameter name → dataclass (from the defaults and annotations)."""
     groups = {}
     hints = inspect.get_annotations(model_cls.__init__, eval_str=True)
-    for name, parameter in inspect.signature(model_cls.__init__).parameters.items():
+    for name, parameter in inspect.signature(model_cls.__init__).parameters.items():  # groups: the model's own
         if dataclasses.is_dataclass(parameter.default):
             groups[name] = type(parameter.default)
             continue
@@ -88,7 +122,7 @@ def regroup_arguments(model_cls: type, args: Mapping[str, Any], source: str = "a
     Raises:
         ValueError: an argument the constructor does not have, or a group field the options object lacks.
     """
-    parameters = inspect.signature(model_cls.__init__).parameters
+    parameters = constructor_parameters(model_cls)
     groups = option_groups(model_cls)
     flat = flat_argument_names(model_cls)
     out: dict[str, Any] = {}

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytest
+from jsonargparse import ArgumentParser
 
 from anomalib_cgad import CGAD, MetaAD, ResAD
 from anomalib_cgad.components.distribution_matching import CodebookOptions
 from anomalib_cgad.components.flow import FlowOptions
 from anomalib_cgad.components.reference_bank import BankOptions
+from anomalib_cgad.models.base import FewShotModuleMixin
 from anomalib_cgad.models.cgad.lightning_model import CGADTraining
 from anomalib_cgad.models.episodic import EpisodeOptions
 from anomalib_cgad.models.metaad.lightning_model import MetaADScoring
-from anomalib_cgad.models.options import option_groups, plain_hyperparameters, regroup_arguments
+from anomalib_cgad.models.options import (
+    constructor_parameters,
+    option_groups,
+    plain_hyperparameters,
+    regroup_arguments,
+)
 from anomalib_cgad.models.resad.lightning_model import PresetOverrides, ResADTraining
 
 
@@ -87,3 +95,29 @@ def test_flow_options_without_a_code_length_take_the_models_own() -> None:
 def test_hyperparameters_are_saved_as_plain_mappings() -> None:
     plain = plain_hyperparameters({"flow": FlowOptions(coupling_blocks=2), "seed": 0, "backbone": "x"})
     assert plain == {"flow": {"coupling_blocks": 2, "condition_dim": None}, "seed": 0, "backbone": "x"}
+
+
+SHARED = [
+    "backbone", "layers", "backbone_weights", "k_shot", "few_shot_source", "false_alarm_rate", "seed",
+    "pre_processor", "post_processor", "evaluator", "visualizer",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_cls", [CGAD, MetaAD, ResAD], ids=lambda c: c.__name__)
+def test_shared_arguments_are_declared_once_and_reach_every_model(model_cls) -> None:
+    """Each model declares only its own arguments and forwards the shared ones to ``FewShotModuleMixin``: the
+    merged list has both, and jsonargparse (anomalib's CLI) builds ``--model.k_shot`` and the rest from it."""
+    signature = inspect.signature(model_cls.__init__).parameters.values()
+    own = [p.name for p in signature if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    assert list(signature)[-1].kind is inspect.Parameter.VAR_KEYWORD
+    assert not set(own) & set(SHARED), "a shared argument is declared again by the model"
+    assert list(constructor_parameters(model_cls)) == [*own, *SHARED]
+    assert list(constructor_parameters(FewShotModuleMixin)) == SHARED
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(model_cls, "model")
+    config = parser.parse_args(["--model.k_shot", "8", "--model.false_alarm_rate", "0.1", "--model.seed", "3"])
+    assert (config.model.k_shot, config.model.false_alarm_rate, config.model.seed) == (8, 0.1, 3)
+    assert config.model.backbone == "tf_efficientnet_lite0"
+    assert {*own, *SHARED} <= set(vars(config.model))
+    with pytest.raises(TypeError, match="k_shots"):  # a misspelt shared argument is refused, not swallowed
+        model_cls(backbone_weights=None, k_shots=4)

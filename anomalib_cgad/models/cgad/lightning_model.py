@@ -35,19 +35,17 @@ from typing import ClassVar
 
 import torch
 from anomalib.models.components import AnomalibModule
-from anomalib.visualization import Visualizer
-from torch import nn
 
 from anomalib_cgad.components.flow import FlowOptions
 from anomalib_cgad.components.reference_bank import BankOptions, flatten_patches
 from anomalib_cgad.components.residual_loss import BoundaryEMA, flow_loss_paper, occ_paper
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
+from anomalib_cgad.models.base import FewShotModuleMixin
 from anomalib_cgad.models.cgad.torch_model import (
     ADAPTATIONS,
     CGADModel,
 )
-from anomalib_cgad.models.episodic import EpisodeOptions, EpisodicMixin
+from anomalib_cgad.models.episodic import EpisodeOptions, EpisodicMixin, OuterTerms
 from anomalib_cgad.validation import check_choice, check_count
 
 
@@ -94,15 +92,6 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
     """CGAD lightning module (the default model of anomalib-cgad).
 
     Args:
-        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
-            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
-        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
-        k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
-            (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
-        few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
-        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
-            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         bank (BankOptions): matching, residual and coreset of the reference bank. Defaults to cosine matching
             (ResAD's released code; measured better than ``"l2"`` on ELPV, see the model README), squared
             residuals and every patch (``coreset=0.5`` halves the nearest-reference search; measured in the
@@ -114,10 +103,9 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
             Defaults to :class:`~anomalib_cgad.models.episodic.EpisodeOptions`'s.
         training (CGADTraining): learning rates, synthetic and inner anomalies, the score standardisation
             ablation. Defaults to :class:`CGADTraining`'s.
-        seed (int): seed of episodes, references and synthetic anomalies. Defaults to ``0``. Weight
-            initialisation follows the global generators: the flow's fixed random rotations (SciPy's
-            ``special_ortho_group`` in anomalib's ``AllInOneBlock``) come from NumPy's, so ``torch.manual_seed``
-            alone does not repeat a run; use ``lightning.seed_everything`` (``anomalib train --seed_everything N``).
+        **kwargs: the arguments every model shares, declared once in
+            :class:`~anomalib_cgad.models.base.FewShotModuleMixin`: ``backbone``, ``layers``, ``backbone_weights``,
+            ``k_shot``, ``few_shot_source``, ``false_alarm_rate``, ``seed`` and anomalib's four components.
 
     Example:
         >>> model = CGAD(backbone_weights=None, flow=FlowOptions(coupling_blocks=4))  # code length: CGAD's
@@ -132,40 +120,26 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] | None = None,
-        backbone_weights: str | None = "pretrained",
-        k_shot: int | None = None,
-        few_shot_source: str | None = None,
-        false_alarm_rate: float = 0.05,
         bank: BankOptions = BankOptions(),
         flow: FlowOptions = FlowOptions(),
         episodes: EpisodeOptions = EpisodeOptions(),
         training: CGADTraining = CGADTraining(),
-        seed: int = 0,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: nn.Module | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs,
     ) -> None:
-        check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
-        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
-        self._init_episodes(episodes, seed)
+        super().__init__(**kwargs)  # references, operating point, anomalib's components (FewShotModuleMixin)
+        self._init_episodes(episodes, self.seed)
         self.inner_anomalies = training.inner_anomalies
         self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step
         self.lr, self.outer_lr, self.calibration_lr = training.lr, training.outer_lr, training.calibration_lr
         self.synthetic_per_class = training.synthetic_per_class
         self.model = CGADModel(
-            backbone,
-            layers,
-            backbone_weights,
-            bank,
-            flow,
+            **self.backbone_args,
+            bank=bank,
+            flow=flow,
             learn_temperature=episodes.learn_temperature,
             normalise_by_references=training.normalise_by_references,
             adaptation=training.adaptation,
         )
-        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner (constraintor + flow), outer (flow) and calibration (``b``, ``T``) optimisers."""
@@ -233,7 +207,7 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
 
     def _outer_step(self, outer_classes: Sequence[str], k: int, optimizers: list[torch.optim.Optimizer]) -> dict:
         temperature = self.model.temperature()
-        losses, clean, gaps = [], [], []
+        terms = OuterTerms()
         for category in outer_classes:
             n = max(self.anomalies_per_class, 1)
             residuals, coverage, latent_means = self._class_rows(category, k, n, self.anomalies_per_class)
@@ -243,20 +217,12 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
             logps = self._logp_rows(constrained, latent_means)
             z = torch.cat([(logp - self.model.boundary[level]) for level, logp in enumerate(logps)])
             cov = torch.cat([c.reshape(-1) for c in coverage])
-            z_id, z_ood = z[cov == 0], z[cov >= 0.5]
-            if len(z_ood) == 0 or len(z_id) == 0:
-                continue
-            loss, gap = self._margin_term(category, z_id, z_ood, temperature)
-            losses.append(loss)
-            gaps.append(gap)
-            clean.append(
-                -torch.cat([logp[cov_l.reshape(-1) == 0] for logp, cov_l in zip(logps, coverage, strict=True)]).mean()
-            )
+            if self._add_margin_term(terms, category, z[cov == 0], z[cov >= 0.5], temperature):
+                normal = [logp[cov_l.reshape(-1) == 0] for logp, cov_l in zip(logps, coverage, strict=True)]
+                terms.clean.append(-torch.cat(normal).mean())
         return self._outer_update(
             outer_classes,
-            losses,
-            clean,
-            gaps,
+            terms,
             optimizers,
             shared=list(self.model.flow.parameters()),
             calibration=[self.model.boundary, self.model.temperature.rho, *self.model.adaptation_parameters()],

@@ -25,15 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from anomalib.models.components import AnomalibModule
-from anomalib.visualization import Visualizer
-from torch import nn
 
 from anomalib_cgad.components.reference_bank import flatten_patches
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
-from anomalib_cgad.models.episodic import EpisodeOptions, EpisodicMixin
+from anomalib_cgad.models.base import FewShotModuleMixin
+from anomalib_cgad.models.episodic import EpisodeOptions, EpisodicMixin, OuterTerms
 from anomalib_cgad.models.metaad.torch_model import MetaADModel
-from anomalib_cgad.validation import check_choice, check_count
+from anomalib_cgad.validation import check_choice
 
 INNER_MODES = ("one_class", "supervised")
 
@@ -91,15 +89,6 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
     """MetaAD lightning module.
 
     Args:
-        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int] | None): two backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
-            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
-        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``.
-        k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
-            (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
-        few_shot_source (str | None): folder of reference images. Defaults to ``None``.
-        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
-            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         scoring (MetaADScoring): input, head, patch score, ODIN and image score. Defaults to
             :class:`MetaADScoring`'s.
         episodes (EpisodeOptions): the episodes of the two levels. ``anomalies_per_class`` (K_anom) uses real
@@ -109,7 +98,9 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
             :class:`~anomalib_cgad.models.episodic.EpisodeOptions`'s.
         training (MetaADTraining): inner objective, learning rates, synthetic anomalies. Defaults to
             :class:`MetaADTraining`'s.
-        seed (int): seed of episodes and draws. Defaults to ``0``.
+        **kwargs: the arguments every model shares, declared once in
+            :class:`~anomalib_cgad.models.base.FewShotModuleMixin`: ``backbone``, ``layers``, ``backbone_weights``,
+            ``k_shot``, ``few_shot_source``, ``false_alarm_rate``, ``seed`` and anomalib's four components.
     """
 
     demo_epochs = 4
@@ -117,36 +108,23 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] | None = None,
-        backbone_weights: str | None = "pretrained",
-        k_shot: int | None = None,
-        few_shot_source: str | None = None,
-        false_alarm_rate: float = 0.05,
         scoring: MetaADScoring = MetaADScoring(),
         episodes: EpisodeOptions = EpisodeOptions(),
         training: MetaADTraining = MetaADTraining(),
-        seed: int = 0,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: nn.Module | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs,
     ) -> None:
-        check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
         if episodes.outer and episodes.anomalies_per_class == 0 and training.synthetic_per_class == 0:
             msg = "anomalies_per_class=0 (synthetic only) needs synthetic_per_class > 0 for the outer level."
             raise ValueError(msg)
-        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
-        self._init_episodes(episodes, seed)
+        super().__init__(**kwargs)  # references, operating point, anomalib's components (FewShotModuleMixin)
+        self._init_episodes(episodes, self.seed)
         self.inner_mode = training.inner_mode
         self.reconstruction_weight = training.reconstruction_weight
         self.lr, self.head_lr = training.lr, training.head_lr
         self.encoder_lr, self.temperature_lr = training.encoder_lr, training.temperature_lr
         self.synthetic_per_class = training.synthetic_per_class
         self.model = MetaADModel(
-            backbone=backbone,
-            layers=layers,
-            backbone_weights=backbone_weights,
+            **self.backbone_args,
             input_mode=scoring.input_mode,
             odin_eps=2e-3 if scoring.odin else 0.0,
             learn_temperature=episodes.learn_temperature,
@@ -154,7 +132,6 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
             head=scoring.head,
             score=scoring.score,
         )
-        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Inner AdamW (encoder, decoder, head), outer Adam (head, last encoder layer) and a T-only Adam."""
@@ -242,7 +219,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
 
     def _outer_step(self, outer_classes: Sequence[str], k: int, optimizers: list[torch.optim.Optimizer]) -> dict:
         temperature = self.model.temperature()
-        losses, clean, gaps = [], [], []
+        terms = OuterTerms()
         synthetic_only = self.anomalies_per_class == 0
         n_anomalous = self.SYNTHETIC_ONLY_COUNT if synthetic_only else self.anomalies_per_class
         for category in outer_classes:
@@ -251,19 +228,12 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
                 perturbed = self.model.odin(x)
             z_clean = self.model.logits(x)
             z = self.model.logits(perturbed)
-            z_id, z_ood = z[coverage == 0], z[coverage >= 0.5]
-            if len(z_ood) == 0 or len(z_id) == 0:
-                continue
-            loss, gap = self._margin_term(category, z_id, z_ood, temperature)
-            losses.append(loss)
-            gaps.append(gap)
-            normal_clean = z_clean[coverage == 0]
-            clean.append(F.binary_cross_entropy_with_logits(normal_clean, torch.ones_like(normal_clean)))
+            if self._add_margin_term(terms, category, z[coverage == 0], z[coverage >= 0.5], temperature):
+                normal_clean = z_clean[coverage == 0]
+                terms.clean.append(F.binary_cross_entropy_with_logits(normal_clean, torch.ones_like(normal_clean)))
         return self._outer_update(
             outer_classes,
-            losses,
-            clean,
-            gaps,
+            terms,
             optimizers,
             shared=[self.model.head, *self.model.encoder.last.parameters()],
             calibration=[self.model.temperature.rho],

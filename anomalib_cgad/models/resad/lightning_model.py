@@ -25,15 +25,12 @@ See Also:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 from anomalib.models.components import AnomalibModule
-from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn
 
 from anomalib_cgad.components.distribution_matching import CodebookOptions
 from anomalib_cgad.components.flow import FlowOptions, chunks
@@ -46,7 +43,7 @@ from anomalib_cgad.components.residual_loss import (
     occ_paper,
 )
 from anomalib_cgad.deploy.export_mixin import BankExportMixin
-from anomalib_cgad.models.base import DEFAULT_K_SHOT, FewShotModuleMixin
+from anomalib_cgad.models.base import FewShotModuleMixin
 from anomalib_cgad.models.resad.torch_model import ResADModel
 from anomalib_cgad.validation import check_choice, check_count
 
@@ -138,15 +135,6 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
             density + focal, merged score, VQ + EFDM distribution matching) or ``"paper"`` (L2 matching, signed
             residual, pseudo-Huber OCC, NLL + BG-SPP hinge, likelihood score, no distribution matching).
             Defaults to ``"official"``.
-        backbone (str): timm backbone. Defaults to ``"tf_efficientnet_lite0"``.
-        layers (Sequence[int] | None): backbone stages (CNN) or blocks (ViT). Defaults to ``None``:
-            the backbone's default (CNN stages ``(2, 3)``, strides 8 and 16; a ViT's middle and last blocks).
-        backbone_weights (str | None): ``"pretrained"``, a checkpoint path or ``None``. Defaults to ``"pretrained"``.
-        k_shot (int | None): references of a test class; ``None``: as many as the datamodule draws
-            (``CrossClass.k_shot``), 4 without one. A different explicit value is an error.
-        few_shot_source (str | None): folder of reference images of the class to test. Defaults to ``None``.
-        false_alarm_rate (float): requested share of a new class's normal images labelled anomalous; sets
-            its normal-only threshold from its k references (no anomalous image of it needed). Defaults to ``0.05``.
         bank (BankOptions | None): matching, residual and coreset of the reference bank. ``None``: the preset's
             matching and residual, every patch. A given one replaces all three (its own defaults are the
             ``official`` preset's). Defaults to ``None``.
@@ -157,10 +145,9 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
             when the preset or ``overrides.fdm`` turns it on). Defaults to ``1536``, ``0.4``, ``0.25``.
         training (ResADTraining): reference draws, learning rates, anomalies per batch. Defaults to
             :class:`ResADTraining`'s.
-        seed (int): seed of reference draws, synthetic anomalies and the codebook initialisation. Defaults to
-            ``0``. The flow's initialisation follows the global generators (its fixed random rotations NumPy's):
-            use ``lightning.seed_everything`` to repeat a run.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components. Default ``True``.
+        **kwargs: the arguments every model shares, declared once in
+            :class:`~anomalib_cgad.models.base.FewShotModuleMixin`: ``backbone``, ``layers``, ``backbone_weights``,
+            ``k_shot``, ``few_shot_source``, ``false_alarm_rate``, ``seed`` and anomalib's four components.
 
     Notes:
         ``learning_type`` is ``ONE_CLASS`` so that ``Engine.train`` fits the model on the source classes;
@@ -187,27 +174,16 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
     def __init__(
         self,
         preset: str = "official",
-        backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[int] | None = None,
-        backbone_weights: str | None = "pretrained",
-        k_shot: int | None = None,
-        few_shot_source: str | None = None,
-        false_alarm_rate: float = 0.05,
         bank: BankOptions | None = None,
         overrides: PresetOverrides = PresetOverrides(),
         flow: FlowOptions = FlowOptions(),
         codebook: CodebookOptions = CodebookOptions(),
         training: ResADTraining = ResADTraining(),
-        seed: int = 0,
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: nn.Module | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs,
     ) -> None:
         check_choice("preset", preset, sorted(PRESETS))
-        check_count("k_shot", DEFAULT_K_SHOT if k_shot is None else k_shot)
         bank = self.group_default("bank", {"preset": preset}) if bank is None else bank
-        super().__init__(pre_processor, post_processor, evaluator, visualizer)  # AnomalibModule's own four
+        super().__init__(**kwargs)  # references, operating point, anomalib's components (FewShotModuleMixin)
         options = {**PRESETS[preset], "matching": bank.matching, "residual": bank.residual}
         options.update({key: value for key, value in asdict(overrides).items() if value is not None})
         self.options = options
@@ -216,12 +192,9 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         self.anomalies_per_batch = training.anomalies_per_batch
         self.synthetic_per_class = training.synthetic_per_class
         self.fiber_batch = training.fiber_batch
-        self.seed = seed
         self.codebook_lr = training.codebook_lr
         self.model = ResADModel(
-            backbone,
-            layers,
-            backbone_weights,
+            **self.backbone_args,
             bank=bank,
             flow=flow,
             score=options["score"],
@@ -231,7 +204,6 @@ class ResAD(BankExportMixin, FewShotModuleMixin, AnomalibModule):
         self._boundaries = [BoundaryEMA() for _ in self.model.backbone.channels]
         self._epoch_logp_max: torch.Tensor | None = None
         self._codebook_generator: torch.Generator | None = None
-        self._init_references(k_shot, few_shot_source, false_alarm_rate)
 
     @staticmethod
     def group_default(name: str, args: dict[str, Any]) -> BankOptions | None:
