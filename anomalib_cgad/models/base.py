@@ -6,15 +6,16 @@ concern, each in its own module with its host contract declared as a ``typing.Pr
 
 - :class:`~anomalib_cgad.models.references.ReferenceMixin` (``models/references.py``): the k references of
   each class, from ``few_shot_source``, the datamodule or the checkpoint's bank;
+- :class:`~anomalib_cgad.models.calibration.OperatingPointMixin` (``models/calibration.py``): the normal-only
+  operating point, its calibration on the training classes, its threshold and the ``forward`` that applies it;
 - :class:`~anomalib_cgad.models.checkpoints.CheckpointMixin` (``models/checkpoints.py``): the checkpoint tag
   and the checks on load;
 - the images they read go through the one input policy (:mod:`anomalib_cgad.data.images`, the torch side
   of :mod:`anomalib_cgad.deploy.inferencer`), so 16-bit files score like their 8-bit copies everywhere; see
   ``README.md``, "Bad input".
 
-This module keeps what anomalib asks of a model: ``learning_type``, ``trainer_arguments``, the pre- and
-post-processor, the evaluator (``configure_evaluator``), ``forward`` and the validation/test/predict steps.
-Around them it
+This module keeps what anomalib asks of a model: ``learning_type``, ``trainer_arguments``, the pre-processor,
+the evaluator (``configure_evaluator``) and the validation/test/predict steps. Around them it
 
 1. at the start of fitting, encodes the training set once into a :class:`TrainingPool` (training
    references, episode queries, real and synthetic anomalies);
@@ -22,7 +23,7 @@ Around them it
 3. labels every class at its **normal-only operating point** (:mod:`anomalib_cgad.components.operating_point`):
    setting the references also computes the class's leave-one-out ``(location, scale)``; the model's ``tau``
    per requested false-alarm rate is calibrated at the start of every validation while fitting, by episodes
-   on the training classes (:meth:`FewShotModuleMixin.calibrate_operating_point`); scores leave the model as
+   on the training classes (:meth:`OperatingPointMixin.calibrate_operating_point`); scores leave the model as
    ``(raw − location) / scale − tau(false_alarm_rate)`` and the post-processor's threshold is fixed at 0.
 
 Every name that used to live here (``ReferenceMixin``, ``load_images``, ``CHECKPOINT_KEY``, ...) is still
@@ -43,25 +44,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from anomalib import LearningType
 from anomalib.metrics import Evaluator
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_cgad.components.backbone import OFFLINE_BACKBONE, PRETRAINED
-from anomalib_cgad.components.operating_point import (
-    DEFAULT_FALSE_ALARM_RATE,
-    OperatingPoint,
-    OperatingPointPostProcessor,
-    apply_operating_point,
-    check_false_alarm_rate,
-    collect_normals,
-    normalised_normal_scores,
-)
+from anomalib_cgad.components.operating_point import DEFAULT_FALSE_ALARM_RATE
 from anomalib_cgad.components.training_pool import TrainingPool
 from anomalib_cgad.console import quiet_frozen_backbone_warning
 from anomalib_cgad.data.images import (
@@ -76,6 +67,7 @@ from anomalib_cgad.data.images import (
 )
 from anomalib_cgad.deploy.inferencer import bad_images_mode, check_unreadable, unreadable_images
 from anomalib_cgad.distributed import prepare_ddp
+from anomalib_cgad.models.calibration import OperatingPointMixin
 from anomalib_cgad.models.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KEY,
@@ -141,7 +133,7 @@ def default_evaluator() -> Evaluator:
     return PerClassEvaluator.default()
 
 
-class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
+class FewShotModuleMixin(ReferenceMixin, OperatingPointMixin, CheckpointMixin):
     """The anomalib contract of the anomalib-cgad models, with references and checkpoints mixed in.
 
     The contract members live here once: ``learning_type`` is ``ONE_CLASS`` (so ``Engine.train`` fits the
@@ -242,10 +234,6 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
         """``ONE_CLASS``, so that ``Engine.train`` (meta-)trains the model on the source classes."""
         return LearningType.ONE_CLASS
 
-    def configure_post_processor(self) -> PostProcessor:
-        """anomalib's post-processor with its threshold fixed at 0: the normal-only operating point of each class."""
-        return OperatingPointPostProcessor()
-
     @staticmethod
     def configure_evaluator() -> Evaluator:
         """anomalib's hook for ``evaluator=True``: its default test metrics, kept per class and averaged.
@@ -269,57 +257,7 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
         self._init_reference_state()
         self._init_checkpoint_state()
         self.training_pool: TrainingPool | None = None
-        self.false_alarm_rate = check_false_alarm_rate(false_alarm_rate)
-        self.operating_point = OperatingPoint()
-
-    # ----------------------------------------------------------------- operating point
-    def calibrate_operating_point(self, datamodule=None, k: int | None = None, seed: int = 0) -> None:
-        """Calibrate ``tau`` per requested false-alarm rate on the training classes' normal images.
-
-        Episodes: each training class in turn plays the new product (k of its normal training images are the
-        references, the others are scored and normalised by the references' leave-one-out statistics);
-        the pooled normalised scores give ``tau(rate)``, their ``1 − rate`` quantile. Runs automatically at
-        the start of every validation while fitting; call it yourself to recalibrate a loaded model (e.g. a
-        checkpoint from before the operating point) or for another ``k``.
-
-        Args:
-            datamodule: a set-up datamodule with ``train_data`` (default: the trainer's).
-            k (int | None): references per episode. Defaults to ``k_shot``.
-            seed (int): seed of the reference draws. Defaults to ``0``.
-        """
-        datamodule = datamodule if datamodule is not None else self.trainer.datamodule
-        k = int(k or self.k_shot)
-        resolver = self._category_resolver(datamodule)
-        normals = collect_normals(datamodule.train_data, resolver)
-        device = self.device
-        normals = {name: images.to(device) for name, images in normals.items()}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            pooled = normalised_normal_scores(self.model, normals, k, self.pre_processor.transform, seed=seed)
-        finally:
-            self.model.train(was_training)
-        self.operating_point.set_calibration(pooled, k)
-        logger.info(
-            "Operating point of %s calibrated on %d training classes (%d normalised normal scores, k=%d): "
-            "tau(%.3g) = %.3f.", type(self).__name__, len(normals), len(pooled), k, self.false_alarm_rate,
-            self.operating_point.tau(self.false_alarm_rate),
-        )  # fmt: skip
-
-    def forward(self, batch: torch.Tensor, *args, **kwargs):
-        """anomalib's forward (pre-processor → model → post-processor) with the operating point before the post.
-
-        Used by anomalib's exporters (``model.xml`` freezes the current class's operating point with its bank)
-        and by direct calls on image tensors.
-        """
-        del args, kwargs
-        batch = self.pre_processor(batch) if self.pre_processor else batch
-        batch = apply_operating_point(self.model(batch), self.operating_point.vector(self.false_alarm_rate))
-        return self.post_processor(batch) if self.post_processor else batch
-
-    def image_threshold(self, false_alarm_rate: float | None = None) -> float:
-        """The current class's threshold on the raw image score at a requested false-alarm rate."""
-        return self.operating_point.threshold(self.false_alarm_rate if false_alarm_rate is None else false_alarm_rate)
+        self._init_operating_point(false_alarm_rate)
 
     # ----------------------------------------------------------------- training side
     def _category_resolver(self, datamodule=None):
@@ -457,7 +395,7 @@ class FewShotModuleMixin(ReferenceMixin, CheckpointMixin):
         # anomalib's readers clipped 16-bit files to white before the pre-processor ran: re-read them.
         batch.image = reread_wide_images(batch.image, batch.image_path, self.pre_processor.transform)
         check_finite(batch.image, batch.image_path, "contain NaN or inf pixel values")
-        output = apply_operating_point(self.model(batch.image), self.operating_point.vector(self.false_alarm_rate))
+        output = self.at_operating_point(self.model(batch.image))
         check_finite(
             output.pred_score,
             batch.image_path,

@@ -107,6 +107,7 @@ def test_episodic_models_declare_their_steps_and_mixin_order() -> None:
 @pytest.mark.parametrize("model_cls", [ResAD, MetaAD, CGAD])
 def test_built_models_provide_what_their_mixins_declare(model_cls) -> None:
     """Each mixin's host Protocol (attributes and methods it uses from the model) holds for a built model."""
+    from anomalib_cgad.models.calibration import OperatingPointHost, OperatingPointMixin
     from anomalib_cgad.models.checkpoints import CheckpointHost
     from anomalib_cgad.models.episodic import EpisodicHost, EpisodicMixin
     from anomalib_cgad.models.references import ReferenceHost
@@ -114,6 +115,10 @@ def test_built_models_provide_what_their_mixins_declare(model_cls) -> None:
     model = model_cls(backbone_weights=None)
     assert isinstance(model, ReferenceHost)
     assert isinstance(model, CheckpointHost)
+    assert isinstance(model, OperatingPointHost)
+    # the operating point's hooks override anomalib's: scores leave forward at the operating point
+    assert model_cls.forward is OperatingPointMixin.forward
+    assert model_cls.configure_post_processor is OperatingPointMixin.configure_post_processor
     if issubclass(model_cls, EpisodicMixin):
         assert isinstance(model, EpisodicHost)
     del model.few_shot_source  # a host that forgot an attribute no longer satisfies the contract
