@@ -192,7 +192,13 @@ class FewShotModuleMixin(ReferenceMixin, OperatingPointMixin, CheckpointMixin):
         self.backbone_args = {"backbone": backbone, "layers": layers, "backbone_weights": backbone_weights}
         """The torch model's backbone arguments (the model builds its torch model from them)."""
         self.seed = seed
-        self._init_references(k_shot, few_shot_source, false_alarm_rate)
+        self._k_shot_given = k_shot is not None  # an explicit k_shot must agree with the datamodule's
+        self.k_shot = DEFAULT_K_SHOT if k_shot is None else k_shot
+        self.few_shot_source = few_shot_source
+        self._init_reference_state()
+        self._init_checkpoint_state()
+        self.training_pool: TrainingPool | None = None
+        self._init_operating_point(false_alarm_rate)
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -242,22 +248,6 @@ class FewShotModuleMixin(ReferenceMixin, OperatingPointMixin, CheckpointMixin):
         and ``evaluator=False`` disables evaluation, as for every anomalib model.
         """
         return default_evaluator()
-
-    def _init_references(
-        self,
-        k_shot: int | None = None,
-        few_shot_source: str | None = None,
-        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
-    ) -> None:
-        """The references (``k_shot``, ``None``: the datamodule's or 4; their source), the checkpoint state and the
-        operating point, from the constructor's arguments of those names."""
-        self._k_shot_given = k_shot is not None  # an explicit k_shot must agree with the datamodule's
-        self.k_shot = DEFAULT_K_SHOT if k_shot is None else k_shot
-        self.few_shot_source = few_shot_source
-        self._init_reference_state()
-        self._init_checkpoint_state()
-        self.training_pool: TrainingPool | None = None
-        self._init_operating_point(false_alarm_rate)
 
     # ----------------------------------------------------------------- training side
     def _category_resolver(self, datamodule=None):

@@ -101,13 +101,15 @@ class EpisodicHost(Protocol):
 
     ``training_pool`` (with ``classes`` and a seeded ``generator``) comes from
     :class:`~anomalib_cgad.models.base.FewShotModuleMixin`, built in ``on_train_start``; ``model`` is the
-    torch model, whose ``temperature()`` is logged each step; ``optimizers``, ``manual_backward``, ``log``
+    torch model, whose ``temperature()`` is logged each step; ``seed`` (the model's, from ``FewShotModuleMixin``)
+    seeds the episode sampler; ``optimizers``, ``manual_backward``, ``log``
     and ``automatic_optimization`` are Lightning's.
     """
 
     training_pool: TrainingPool | None
     model: torch.nn.Module
     automatic_optimization: bool
+    seed: int
 
     def optimizers(self) -> list[torch.optim.Optimizer]: ...
 
@@ -126,8 +128,8 @@ class EpisodicMixin(ABC):
 
     1. an :class:`EpisodeOptions` made before ``AnomalibModule.__init__`` (a bad option fails before the
        backbone is built);
-    2. ``AnomalibModule.__init__``, then :meth:`_init_episodes` (it switches to manual optimisation, which
-       must happen before Lightning's trainer sees the model);
+    2. ``FewShotModuleMixin.__init__`` (``AnomalibModule.__init__``, ``seed``), then :meth:`_init_episodes` (it
+       switches to manual optimisation, which must happen before Lightning's trainer sees the model);
     3. :meth:`_init_sampler` in ``on_train_start``, after the training pool is built (the sampler draws from
        the pool's classes);
     4. ``configure_optimizers`` returns ``[inner, *outer]``: :meth:`training_step` gives the first to
@@ -158,13 +160,12 @@ class EpisodicMixin(ABC):
             nothing was stepped.
         """
 
-    def _init_episodes(self, options: EpisodeOptions, seed: int) -> None:
-        """Store the episode options as attributes of the same names and the seed; manual optimisation, no
-        sampler yet (it needs the training classes), no hardness, no outer step taken."""
+    def _init_episodes(self, options: EpisodeOptions) -> None:
+        """Store the episode options as attributes of the same names; manual optimisation, no sampler yet (it
+        needs the training classes and the host's ``seed``), no hardness, no outer step taken."""
         for option in fields(options):
             setattr(self, option.name, getattr(options, option.name))
         self.k_choices = list(options.k_choices)
-        self.seed = seed
         self.automatic_optimization = False
         self.sampler: EpisodeSampler | None = None
         self.hardness: dict[str, float] = {}

@@ -127,7 +127,7 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)  # references, operating point, anomalib's components (FewShotModuleMixin)
-        self._init_episodes(episodes, self.seed)
+        self._init_episodes(episodes)
         self.inner_anomalies = training.inner_anomalies
         self._inner_boundaries: list[BoundaryEMA] | None = None  # made at the first inner step
         self.lr, self.outer_lr, self.calibration_lr = training.lr, training.outer_lr, training.calibration_lr
@@ -174,11 +174,7 @@ class CGAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule):
         return residuals, [c.to(self.device) for c in covs], latent_means
 
     def _logp_rows(self, constrained: list[torch.Tensor], latent_means=None) -> list[torch.Tensor]:
-        means = [None] * len(constrained) if latent_means is None else latent_means
-        return [
-            self.model.flow(level, feature, mean)[0].reshape(-1)
-            for level, (feature, mean) in enumerate(zip(constrained, means, strict=True))
-        ]
+        return [logp.reshape(-1) for logp, _ in self.model.flow_levels(constrained, latent_means)]
 
     def _inner_step(self, category: str, k: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         residuals, coverage, latent_means = self._class_rows(category, k, self.inner_queries, self.inner_anomalies)

@@ -117,7 +117,7 @@ class MetaAD(EpisodicMixin, BankExportMixin, FewShotModuleMixin, AnomalibModule)
             msg = "anomalies_per_class=0 (synthetic only) needs synthetic_per_class > 0 for the outer level."
             raise ValueError(msg)
         super().__init__(**kwargs)  # references, operating point, anomalib's components (FewShotModuleMixin)
-        self._init_episodes(episodes, self.seed)
+        self._init_episodes(episodes)
         self.inner_mode = training.inner_mode
         self.reconstruction_weight = training.reconstruction_weight
         self.lr, self.head_lr = training.lr, training.head_lr

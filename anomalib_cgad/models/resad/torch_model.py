@@ -162,10 +162,19 @@ class ResADModel(BankModel):
     ) -> LevelOutputs:
         """Constraintor and flow of per-level residual maps (``latent_means``: per-level base means of the flow)."""
         constrained = self.constraintor(residuals)
-        means = [None] * len(constrained) if latent_means is None else list(latent_means)
-        pairs = enumerate(zip(constrained, means, strict=True))
-        flows = [self.flow(level, feature, mean) for level, (feature, mean) in pairs]
+        flows = self.flow_levels(constrained, latent_means)
         return LevelOutputs(list(residuals), constrained, [logp for logp, _ in flows], [zmean for _, zmean in flows])
+
+    def flow_levels(
+        self, constrained: Sequence[torch.Tensor], latent_means: Sequence[torch.Tensor] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(logp̄, mean_c(z))`` maps of each level's constrained residuals (``latent_means``: the flow's
+        per-level base means, ``None``: ``N(0, I)`` at every level)."""
+        means = [None] * len(constrained) if latent_means is None else list(latent_means)
+        return [
+            self.flow(level, feature, mean)
+            for level, (feature, mean) in enumerate(zip(constrained, means, strict=True))
+        ]
 
     def patch_scores(self, levels: LevelOutputs) -> list[torch.Tensor]:
         """Per-level patch anomaly scores ``(B, 1, H_l, W_l)`` before up-sampling: the model's score head.
